@@ -1,0 +1,103 @@
+"""The narrow interface every portep communication backend implements.
+
+The dispatch/combine algorithms (``portep.ht``, ``portep.ll``) decide *which* byte rows go
+*where*; a backend only moves them. It knows three scopes of peers:
+
+* ``"world"``: every rank of the group, indexed by group rank;
+* ``"node"``: the ranks of this rank's node, indexed by local rank (NVLink / xGMI / shared memory);
+* ``"peers"``: the ranks with this rank's local index on every node, indexed by node (the network).
+
+A backend is chosen by name from :mod:`portep.backends`; callers never branch on it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from portep.topology import Topology
+
+Scope = Literal["world", "node", "peers"]
+
+
+@dataclass
+class TrafficStats:
+    """Counters of what this rank sent, for tests, demos and ``portep status``."""
+
+    rows_sent: dict[str, int] = field(default_factory=lambda: {"world": 0, "node": 0, "peers": 0})
+    bytes_sent: dict[str, int] = field(default_factory=lambda: {"world": 0, "node": 0, "peers": 0})
+    exchanges: int = 0
+
+    def record(self, scope: Scope, rows: int, row_bytes: int) -> None:
+        self.rows_sent[scope] += rows
+        self.bytes_sent[scope] += rows * row_bytes
+        self.exchanges += 1
+
+
+class PendingExchange(ABC):
+    """An exchange in flight; :meth:`wait` returns the received byte rows."""
+
+    recv_counts: list[int]
+
+    @abstractmethod
+    def wait(self) -> torch.Tensor:
+        """Block until every row has arrived (or the deadline passes) and return them:
+        uint8 `[sum(recv_counts), row_bytes]`, grouped by sender in scope order."""
+
+
+class CommBackend(ABC):
+    """Moves byte rows between the ranks of one group."""
+
+    name: str = "abstract"
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.stats = TrafficStats()
+
+    @abstractmethod
+    def scope_size(self, scope: Scope) -> int:
+        """Number of ranks in ``scope``."""
+
+    @abstractmethod
+    def scope_index(self, scope: Scope) -> int:
+        """This rank's index within ``scope``."""
+
+    @abstractmethod
+    def start_exchange(
+        self,
+        rows: torch.Tensor,
+        send_counts: list[int],
+        recv_counts: list[int] | None,
+        scope: Scope,
+        op: str,
+    ) -> PendingExchange:
+        """Send ``rows`` (uint8 `[sum(send_counts), row_bytes]`, grouped by destination in scope
+        order) and start receiving. ``recv_counts`` may be None, then the backend learns them
+        from the senders first. ``op`` names the public operation for error messages."""
+
+    def exchange(
+        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Blocking :meth:`start_exchange`: returns the received rows and their counts."""
+        pending = self.start_exchange(rows, send_counts, recv_counts, scope, op)
+        return pending.wait(), pending.recv_counts
+
+    @abstractmethod
+    def barrier(self, op: str) -> None:
+        """Wait until every rank of the group has arrived."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to release)
+        """Release resources; the backend is unusable afterwards."""
+
+
+class Completed(PendingExchange):
+    """An exchange that needed no communication (a scope of one rank)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.recv_counts = [rows.size(0)]
+
+    def wait(self) -> torch.Tensor:
+        return self.rows

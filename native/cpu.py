@@ -1,0 +1,256 @@
+"""CPU implementation of portep's device kernels, vectorised with torch.
+
+Each function is the CPU body of one kernel: the routing layout, FP8/LogFMT casts, packing rows
+into a byte-row send buffer and unpacking them, and the index computations of the HT and LL
+send/receive sides. No per-token Python loops: everything is a handful of tensor ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FP8_MAX = 448.0
+FP8_MIN_AMAX = 1e-4
+FP8_GROUP = 128
+LOGFMT_GROUP = 128
+LOGFMT_LEVELS = 511  # codes 1..511 hold log2|x|; code 0 is an exact zero
+
+
+# ----------------------------------------------------------------------------- layout
+def dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Counts of a routing.
+
+    Arguments:
+        topk_idx: `[num_tokens, num_topk]` int64 expert ids, -1 for none.
+
+    Returns:
+        num_tokens_per_rank: `[num_ranks]` int32, tokens with ≥1 expert on each rank.
+        num_tokens_per_rdma_rank: `[num_nodes]` int32, likewise per node (None with one node).
+        num_tokens_per_expert: `[num_experts]` int32, selections per expert.
+        is_token_in_rank: `[num_tokens, num_ranks]` bool.
+    """
+    num_tokens = topk_idx.size(0)
+    experts_per_rank = num_experts // num_ranks
+    valid = topk_idx >= 0
+    experts = topk_idx[valid]
+    num_tokens_per_expert = torch.bincount(experts, minlength=num_experts).to(torch.int32)
+    is_token_in_rank = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool)
+    dest = torch.where(valid, topk_idx // experts_per_rank, num_ranks)  # column R collects the -1s
+    is_token_in_rank.scatter_(1, dest, True)
+    is_token_in_rank = is_token_in_rank[:, :num_ranks].contiguous()
+    num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
+    num_nodes = num_ranks // ranks_per_node
+    num_tokens_per_rdma_rank = None
+    if num_nodes > 1:
+        in_node = is_token_in_rank.view(num_tokens, num_nodes, ranks_per_node).any(2)
+        num_tokens_per_rdma_rank = in_node.sum(0, dtype=torch.int32)
+    return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+
+
+def rows_by_column(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a `[rows, cols]` bool mask: the row indices of the set entries ordered by (column, row),
+    and the number of entries per column (int64 `[cols]`)."""
+    cols, rows = mask.t().nonzero(as_tuple=True)
+    return rows, torch.bincount(cols, minlength=mask.size(1))
+
+
+# ----------------------------------------------------------------------------- FP8
+def fp8_cast(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-channel cast to e4m3.
+
+    Returns `(x_fp8 [N, hidden] float8_e4m3fn, scales [N, hidden // 128] float32)` with
+    `x ≈ x_fp8 * scales` (scales broadcast over each group of 128 channels).
+    """
+    n, hidden = x.shape
+    groups = x.float().view(n, hidden // FP8_GROUP, FP8_GROUP)
+    amax = groups.abs().amax(dim=2).clamp(min=FP8_MIN_AMAX)
+    if round_scale:
+        scale_inv = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+        scale = 1.0 / scale_inv
+    else:
+        scale = FP8_MAX / amax
+        scale_inv = amax / FP8_MAX
+    x_fp8 = (groups * scale.unsqueeze(2)).view(n, hidden).to(torch.float8_e4m3fn)
+    return x_fp8, scale_inv
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """Pack power-of-two float32 scales `[..., S]` into int32 `[..., S/4]` of 4 exponent bytes."""
+    exponents = ((scales.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    return exponents.view(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_ue8m0`: int32 `[..., S/4]` to float32 `[..., S]`."""
+    exponents = packed.contiguous().view(torch.uint8).to(torch.int32)
+    return (exponents << 23).view(torch.float32)
+
+
+def fp8_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dequantise `[N, hidden]` e4m3 with float32 `[N, hidden/128]` or ue8m0 int32 scales."""
+    if scales.dtype == torch.int32:
+        scales = unpack_ue8m0(scales)
+    n, hidden = x_fp8.shape
+    groups = x_fp8.float().view(n, scales.size(1), hidden // scales.size(1))
+    return (groups * scales.unsqueeze(2)).view(n, hidden)
+
+
+# ----------------------------------------------------------------------------- LogFMT
+def logfmt_encode(x: torch.Tensor) -> torch.Tensor:
+    """Compress `[N, hidden]` rows to 10 bits per value (sign + 9-bit log2 magnitude) with a
+    per-128-channel (min, max) log2 range in float32. Returns uint8 `[N, hidden*10/8 + hidden/128*8]`."""
+    n, hidden = x.shape
+    groups = x.float().view(n, hidden // LOGFMT_GROUP, LOGFMT_GROUP)
+    magnitude = groups.abs()
+    nonzero = magnitude > 0
+    logs = torch.log2(torch.where(nonzero, magnitude, torch.ones_like(magnitude)))
+    inf = torch.tensor(float("inf"))
+    lo = torch.where(nonzero, logs, inf).amin(dim=2)
+    hi = torch.where(nonzero, logs, -inf).amax(dim=2)
+    empty = ~nonzero.any(dim=2)
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    step = ((hi - lo) / (LOGFMT_LEVELS - 1)).clamp(min=1e-30)
+    level = torch.round((logs - lo.unsqueeze(2)) / step.unsqueeze(2)).clamp(0, LOGFMT_LEVELS - 1)
+    code = torch.where(nonzero, level.to(torch.int64) + 1, torch.zeros_like(level, dtype=torch.int64))
+    code = code | ((groups < 0).to(torch.int64) << 9)
+    quads = code.view(n, hidden // 4, 4)
+    packed = quads[..., 0] | (quads[..., 1] << 10) | (quads[..., 2] << 20) | (quads[..., 3] << 30)
+    shifts = torch.arange(0, 40, 8, dtype=torch.int64)
+    body = ((packed.unsqueeze(2) >> shifts) & 0xFF).to(torch.uint8).view(n, -1)
+    ranges = torch.stack([lo, hi], dim=2).contiguous().view(torch.uint8).view(n, -1)
+    return torch.cat([body, ranges], dim=1)
+
+
+def logfmt_decode(data: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Inverse of :func:`logfmt_encode`: uint8 rows to float32 `[N, hidden]`."""
+    n = data.size(0)
+    body_bytes = hidden * 10 // 8
+    body = data[:, :body_bytes].to(torch.int64).view(n, hidden // 4, 5)
+    shifts = torch.arange(0, 40, 8, dtype=torch.int64)
+    packed = (body << shifts).sum(dim=2)
+    code = torch.stack([(packed >> s) & 0x3FF for s in (0, 10, 20, 30)], dim=2).view(n, -1, LOGFMT_GROUP)
+    ranges = data[:, body_bytes:].contiguous().view(torch.float32).view(n, -1, 2)
+    lo, hi = ranges[..., 0:1], ranges[..., 1:2]
+    step = (hi - lo) / (LOGFMT_LEVELS - 1)
+    level = (code & 0x1FF).float()
+    value = torch.exp2(lo + (level - 1) * step)
+    value = torch.where(level > 0, value, torch.zeros_like(value))
+    value = torch.where((code >> 9) > 0, -value, value)
+    return value.view(n, hidden)
+
+
+def logfmt_row_bytes(hidden: int) -> int:
+    return hidden * 10 // 8 + hidden // LOGFMT_GROUP * 8
+
+
+# ----------------------------------------------------------------------------- row packing
+@dataclass(frozen=True)
+class Field:
+    """One per-row field of a byte row: `width` elements of `dtype`."""
+
+    name: str
+    dtype: torch.dtype
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.dtype.itemsize
+
+
+class RowFormat:
+    """Packs several per-row tensors into one uint8 `[rows, row_bytes]` message and back."""
+
+    def __init__(self, fields: Sequence[Field]) -> None:
+        self.fields = tuple(fields)
+        self.row_bytes = sum(f.nbytes for f in self.fields)
+
+    def pack(self, tensors: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `index` (all rows when None) of each field's `[N, width]` tensor, as byte rows."""
+        parts = []
+        for field in self.fields:
+            value = tensors[field.name]
+            if index is not None:
+                value = value[index]
+            parts.append(value.reshape(value.size(0), field.width).contiguous().view(torch.uint8))
+        if not parts:
+            return torch.empty(0, 0, dtype=torch.uint8)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split byte rows back into `{name: [rows, width] tensor}`."""
+        out, start = {}, 0
+        for field in self.fields:
+            chunk = rows[:, start : start + field.nbytes].contiguous()
+            out[field.name] = chunk.view(field.dtype).view(rows.size(0), field.width)
+            start += field.nbytes
+        return out
+
+
+# ----------------------------------------------------------------------------- LL index maps
+def ll_send_order(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank_masked: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, k) selections an LL dispatch sends, ordered by (dest rank, local expert, token).
+
+    Returns `token [S]`, `k [S]` (int64) and `counts [num_ranks, num_local_experts]` int64.
+    Selections of -1 and of experts on masked ranks are skipped.
+    """
+    num_tokens, num_topk = topk_idx.shape
+    local_experts = num_experts // num_ranks
+    valid = topk_idx >= 0
+    if rank_masked is not None:
+        valid &= ~rank_masked[(topk_idx // local_experts).clamp(min=0)]
+    flat = topk_idx.reshape(-1)
+    key = torch.where(valid.reshape(-1), flat * num_tokens + torch.arange(num_tokens).repeat_interleave(num_topk),
+                      torch.full_like(flat, -1))
+    order = torch.argsort(key, stable=True)
+    order = order[key[order] >= 0]
+    token, k = order // num_topk, order % num_topk
+    counts = torch.bincount(flat[order], minlength=num_experts).view(num_ranks, local_experts)
+    return token, k, counts
+
+
+def _slots(counts: torch.Tensor, begin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert and slot of each row of consecutive blocks `counts [num_ranks, local_experts]`
+    (source-major), given the first slot `begin [local_experts, num_ranks]` of each block."""
+    local_experts = counts.size(1)
+    flat = counts.reshape(-1)
+    block = torch.arange(flat.numel()).repeat_interleave(flat)
+    position = torch.arange(block.numel()) - (torch.cumsum(flat, 0) - flat)[block]
+    source, expert = block // local_experts, block % local_experts
+    return expert, begin[expert, source] + position
+
+
+def ll_recv_slots(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where LL rows land on the receiver.
+
+    Arguments:
+        recv_counts: `[num_ranks, num_local_experts]` rows received from each source per expert,
+            arriving grouped by source rank, then local expert.
+
+    Returns:
+        expert `[rows]` and slot `[rows]` (int64) of each received row in the expert-major output,
+        and begin `[num_local_experts, num_ranks]`: first slot of each source within an expert.
+    """
+    begin = (torch.cumsum(recv_counts, dim=0) - recv_counts).t().contiguous()
+    expert, slot = _slots(recv_counts, begin)
+    return expert, slot, begin
+
+
+def ll_combine_gather(layout_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows an LL combine sends back, ordered by (source rank, local expert, slot).
+
+    Arguments:
+        layout_range: `[num_local_experts, num_ranks]` int64 `(begin << 32) | count`.
+
+    Returns expert `[rows]`, slot `[rows]` (int64) and rows per source rank `[num_ranks]`.
+    """
+    count = layout_range & 0xFFFFFFFF
+    expert, slot = _slots(count.t(), layout_range >> 32)
+    return expert, slot, count.sum(0)

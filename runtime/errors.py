@@ -1,0 +1,48 @@
+"""Typed errors raised by portep.
+
+Every error names the operation and, where known, the ranks involved, so that a failure in a
+distributed job points at its cause instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class PortepError(RuntimeError):
+    """Base class of portep's runtime errors (not of argument errors)."""
+
+
+class CommTimeoutError(PortepError, TimeoutError):
+    """A wait passed its deadline.
+
+    Attributes:
+        op: the operation that was waiting (e.g. ``"low_latency_dispatch"``).
+        ranks: the ranks that did not arrive in time (empty when unknown).
+    """
+
+    def __init__(self, op: str, timeout_s: float, ranks: Iterable[int] = (), detail: str = "") -> None:
+        self.op = op
+        self.timeout_s = timeout_s
+        self.ranks = tuple(sorted(ranks))
+        who = f"rank(s) {list(self.ranks)} did not arrive" if self.ranks else "peers did not arrive"
+        msg = f"{op}: timed out after {timeout_s:g} s: {who}"
+        super().__init__(f"{msg}; {detail}" if detail else msg)
+
+
+class PeerFailureError(PortepError):
+    """A peer rank failed (died or reported an error) while an operation was in progress."""
+
+    def __init__(self, op: str, ranks: Iterable[int], detail: str = "") -> None:
+        self.op = op
+        self.ranks = tuple(sorted(ranks))
+        msg = f"{op}: peer rank(s) {list(self.ranks)} failed"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class TransportError(PortepError):
+    """The transport underneath an operation reported an error."""
+
+    def __init__(self, op: str, detail: str) -> None:
+        self.op = op
+        super().__init__(f"{op}: transport error: {detail}")

@@ -1,0 +1,175 @@
+"""Low-latency dispatch and combine: direct, one message per (token, expert), expert-major output.
+
+Dispatch sends each selection of a token straight to the rank that owns the expert (no node
+hop), FP8-cast on the sender when asked. The receiver lays rows out expert-major,
+`[num_local_experts, num_ranks * T, hidden]`: for each local expert, rows grouped by source rank
+(ascending), in source token order within a group. Combine sends every row back to its source,
+which reduces ``sum_k w[t, k] * y_k(t)`` in float32.
+
+Both are split into a send phase (returns at once, data in flight) and a receive phase (the
+``hook`` of ``return_recv_hook=True``), which is what dual-batch overlap builds on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from portep.backends import CommBackend, PendingExchange
+from portep.native import cpu
+from portep.native.cpu import Field, RowFormat
+
+
+class LowLatencyHandle(tuple):
+    """DeepEP's LL handle ``(src_info, layout_range, T, hidden, num_experts)``.
+
+    ``src_info``: int32 `[num_local_experts, num_ranks * T]`, source token index of each row;
+    ``layout_range``: int64 `[num_local_experts, num_ranks]`, ``(begin << 32) | count`` per source.
+    It also remembers the Buffer it came from and how many rows this rank sent to each rank, to
+    validate the matching combine before any communication.
+    """
+
+    buffer_id: int
+    send_counts: torch.Tensor
+    masked: torch.Tensor
+
+    def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                hidden: int, num_experts: int) -> LowLatencyHandle:
+        return super().__new__(cls, (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts))
+
+
+@dataclass
+class LLRecvTensors:
+    """Output tensors of an LL dispatch, allocated at send time and filled by the receive phase."""
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    count: torch.Tensor
+    src_info: torch.Tensor
+    layout_range: torch.Tensor
+
+
+def _expert_major(local_experts: int, slots: int, width: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    if transposed:  # scale-major storage, as grouped GEMMs read scales
+        return torch.empty(local_experts, width, slots, dtype=dtype).transpose(1, 2)
+    return torch.empty(local_experts, slots, width, dtype=dtype)
+
+
+class LLDispatch:
+    """One LL dispatch: :meth:`send` at construction, :meth:`recv` completes it (once)."""
+
+    def __init__(self, comm: CommBackend, x: torch.Tensor, topk_idx: torch.Tensor, num_max_tokens: int,
+                 num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, masked: torch.Tensor,
+                 op: str = "low_latency_dispatch") -> None:
+        self.comm, self.op, self.masked = comm, op, masked.clone()
+        num_ranks = comm.topology.num_ranks
+        local_experts, hidden = num_experts // num_ranks, x.size(1)
+        self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
+        token, _, counts = cpu.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
+        self.send_counts = counts.sum(1)
+
+        tensors = {"src_token": token.to(torch.int32).unsqueeze(1)}
+        fields = [Field("src_token", torch.int32, 1)]
+        if use_fp8:
+            x_fp8, scales = cpu.fp8_cast(x, round_scale)
+            tensors.update(x=x_fp8[token], scales=scales[token])
+            fields += [Field("x", torch.float8_e4m3fn, hidden), Field("scales", torch.float32, hidden // 128)]
+        else:
+            tensors["x"] = x[token]
+            fields.append(Field("x", x.dtype, hidden))
+        self.format = RowFormat(fields)
+
+        # Counts first (one small message per peer), then the rows, left in flight.
+        count_rows = counts.contiguous().view(torch.uint8).view(num_ranks, -1)
+        ones = [1] * num_ranks
+        got, _ = comm.exchange(count_rows, ones, ones, "world", op)
+        self.recv_counts = got.contiguous().view(torch.int64).view(num_ranks, local_experts)
+        self.recv_counts[self.masked] = 0
+        self.pending: PendingExchange = comm.start_exchange(
+            self.format.pack(tensors), self.send_counts.tolist(), self.recv_counts.sum(1).tolist(), "world", op)
+
+        slots = num_ranks * num_max_tokens
+        scales_out = None
+        if use_fp8:
+            scale_width = hidden // 512 if use_ue8m0 else hidden // 128
+            scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+            scales_out = _expert_major(local_experts, slots, scale_width, scale_dtype, transposed=True)
+        self.out = LLRecvTensors(
+            x=_expert_major(local_experts, slots, hidden, torch.float8_e4m3fn if use_fp8 else x.dtype, False),
+            scales=scales_out,
+            count=torch.empty(local_experts, dtype=torch.int32),
+            src_info=torch.empty(local_experts, slots, dtype=torch.int32),
+            layout_range=torch.empty(local_experts, num_ranks, dtype=torch.int64),
+        )
+        self.done = False
+
+    def recv(self, cumulative_stats: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> None:
+        """Wait for the rows and lay them out expert-major into the output tensors."""
+        if self.done:
+            raise RuntimeError(f"{self.op}: the receive hook was already called")
+        started = time.perf_counter_ns()
+        rows = self.pending.wait()
+        waited = time.perf_counter_ns() - started
+        received = self.format.unpack(rows)
+        expert, slot, begin = cpu.ll_recv_slots(self.recv_counts)
+        out = self.out
+        out.x[expert, slot] = received["x"]
+        if out.scales is not None:
+            scales = received["scales"]
+            out.scales[expert, slot] = cpu.pack_ue8m0(scales) if self.use_ue8m0 else scales
+        out.src_info[expert, slot] = received["src_token"].view(-1)
+        count = self.recv_counts.t()
+        out.layout_range.copy_((begin << 32) | count)
+        out.count.copy_(count.sum(1))
+        if cumulative_stats is not None:
+            cumulative_stats += out.count.to(cumulative_stats.dtype)
+        if wait_cost_stats is not None:
+            wait_cost_stats += (self.recv_counts.sum(1) > 0).to(wait_cost_stats.dtype) * waited
+        self.done = True
+
+
+class LLCombine:
+    """One LL combine: rows go back at construction, :meth:`recv` reduces them (once)."""
+
+    def __init__(self, comm: CommBackend, expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 handle: LowLatencyHandle, use_logfmt: bool, masked: torch.Tensor,
+                 op: str = "low_latency_combine") -> None:
+        self.comm, self.op = comm, op
+        num_ranks = comm.topology.num_ranks
+        _, layout_range, _, hidden, num_experts = handle
+        self.hidden, self.num_tokens, self.use_logfmt = hidden, topk_idx.size(0), use_logfmt
+        expected = handle.send_counts.clone()
+        expected[masked] = 0
+        self.token, self.k, counts = cpu.ll_send_order(topk_idx, num_experts, num_ranks, masked)
+        if not torch.equal(counts.sum(1), expected):
+            raise ValueError(f"{op}: topk_idx does not match the one given to low_latency_dispatch for this handle")
+        self.weights = topk_weights[self.token, self.k].unsqueeze(1)
+
+        expert, slot, per_source = cpu.ll_combine_gather(layout_range)
+        keep = ~masked.repeat_interleave(per_source)
+        per_source = per_source.masked_fill(masked, 0)
+        rows = expert_out[expert[keep], slot[keep]]
+        rows = cpu.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
+        self.pending = comm.start_exchange(rows, per_source.tolist(), counts.sum(1).tolist(), "world", op)
+        self.done = False
+
+    def recv(self, out: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Wait for the expert outputs and reduce them with the weights into `[num_tokens, hidden]` bf16."""
+        if self.done:
+            raise RuntimeError(f"{self.op}: the receive hook was already called")
+        started = time.perf_counter_ns()
+        rows = self.pending.wait()
+        waited = time.perf_counter_ns() - started
+        if self.use_logfmt:
+            values = cpu.logfmt_decode(rows, self.hidden)
+        else:
+            values = rows.view(torch.bfloat16).float()
+        total = torch.zeros(self.num_tokens, self.hidden, dtype=torch.float32)
+        total.index_add_(0, self.token, values * self.weights)
+        result = out if out is not None else torch.empty(self.num_tokens, self.hidden, dtype=torch.bfloat16)
+        result.copy_(total)
+        if wait_cost_stats is not None:
+            wait_cost_stats += (torch.tensor(self.pending.recv_counts) > 0).to(wait_cost_stats.dtype) * waited
+        self.done = True
+        return result
