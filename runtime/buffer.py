@@ -200,6 +200,7 @@ class Buffer:
         self._live(op)
         check.check_num_experts(op, num_experts, self.group_size)
         check.check_topk_idx(op, topk_idx, num_experts)
+        check.check_device(op, self.device, topk_idx=topk_idx)
         check.check_comm_stream_args(op, allocate_on_comm_stream, previous_event, async_finish)
         layout = cpu.dispatch_layout(topk_idx, num_experts, self.group_size, self.topology.ranks_per_node)
         return (*layout, _event(async_finish, topk_idx, *layout))
@@ -262,6 +263,8 @@ class Buffer:
         op = "dispatch"
         self._live(op)
         data, scales = check.split_x(op, x)
+        check.check_device(op, self.device, x=data, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights,
+                           is_token_in_rank=is_token_in_rank)
         num_tokens = data.size(0)
         check.check_int(op, "expert_alignment", expert_alignment, minimum=1)
         check.check_int(op, "num_worst_tokens", num_worst_tokens)
@@ -355,6 +358,7 @@ class Buffer:
             raise ValueError(f"{op}: handle is required (from dispatch)")
         self._check_ht_handle(op, handle)
         check.check_tensor(op, "x", x, check.FLOAT_DTYPES, (None, handle.hidden))
+        check.check_device(op, self.device, x=x, topk_weights=topk_weights)
         if x.size(0) < handle.num_recv:
             raise ValueError(f"{op}: x has {x.size(0)} rows, the dispatch received {handle.num_recv}")
         if topk_weights is not None:
@@ -425,6 +429,7 @@ class Buffer:
         check.check_int(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         check.check_num_experts(op, num_experts, self.group_size)
         check.check_tensor(op, "x", x, torch.bfloat16, (None, None))
+        check.check_device(op, self.device, x=x, topk_idx=topk_idx)
         num_tokens, hidden = x.shape
         if num_tokens > num_max_dispatch_tokens_per_rank:
             raise ValueError(f"{op}: x has {num_tokens} tokens > num_max_dispatch_tokens_per_rank="
@@ -510,6 +515,7 @@ class Buffer:
         local_experts = num_experts // self.group_size
         slots = self.group_size * num_max_tokens
         check.check_tensor(op, "x", x, torch.bfloat16, (local_experts, slots, hidden))
+        check.check_device(op, self.device, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
         check.check_topk_idx(op, topk_idx, num_experts)
         num_tokens = topk_idx.size(0)
         if num_tokens > num_max_tokens:
