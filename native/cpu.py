@@ -134,8 +134,10 @@ def logfmt_decode(data: torch.Tensor, hidden: int) -> torch.Tensor:
     body = data[:, :body_bytes].to(torch.int64).view(n, hidden // 4, 5)
     shifts = torch.arange(0, 40, 8, dtype=torch.int64)
     packed = (body << shifts).sum(dim=2)
-    code = torch.stack([(packed >> s) & 0x3FF for s in (0, 10, 20, 30)], dim=2).view(n, -1, LOGFMT_GROUP)
-    ranges = data[:, body_bytes:].contiguous().view(torch.float32).view(n, -1, 2)
+    groups = hidden // LOGFMT_GROUP
+    code = torch.stack([(packed >> s) & 0x3FF for s in (0, 10, 20, 30)], dim=2).view(n, groups, LOGFMT_GROUP)
+    ranges = torch.empty(n, groups * 8, dtype=torch.uint8, device=data.device)
+    ranges = ranges.copy_(data[:, body_bytes:]).view(torch.float32).view(n, groups, 2)
     lo, hi = ranges[..., 0:1], ranges[..., 1:2]
     step = (hi - lo) / (LOGFMT_LEVELS - 1)
     level = (code & 0x1FF).float()
@@ -186,7 +188,9 @@ class RowFormat:
         """Split byte rows back into `{name: [rows, width] tensor}`."""
         out, start = {}, 0
         for field in self.fields:
-            chunk = rows[:, start : start + field.nbytes].contiguous()
+            # A fresh copy: a slice of one row counts as contiguous but may sit at an unaligned offset.
+            chunk = torch.empty(rows.size(0), field.nbytes, dtype=torch.uint8, device=rows.device)
+            chunk.copy_(rows[:, start : start + field.nbytes])
             out[field.name] = chunk.view(field.dtype).view(rows.size(0), field.width)
             start += field.nbytes
         return out

@@ -57,7 +57,7 @@ class Buffer:
 
     num_sms: int = 20
 
-    def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+    def __init__(self, group: dist.ProcessGroup | None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
@@ -166,7 +166,8 @@ class Buffer:
 
     def get_stats(self) -> dict[str, int]:
         """What this rank has sent so far: rows and bytes per scope (``world``, ``node`` (intra-node)
-        and ``peers`` (inter-node)); ``ht_internode_rows`` counts HT rows sent to other nodes."""
+        and ``peers`` (inter-node)); ``ht_internode_rows`` counts HT rows sent to other nodes
+        (dispatch copies and combine partial sums)."""
         stats = self._backend.stats
         out = {"exchanges": stats.exchanges, "ht_internode_rows": stats.rows_sent["peers"]}
         for scope in ("world", "node", "peers"):
@@ -393,7 +394,9 @@ class Buffer:
         return layout
 
     def _masked(self) -> torch.Tensor:
-        return self._mask > 0
+        """Ranks LL calls skip. A rank that masks itself is cut off: it skips every rank."""
+        masked = self._mask > 0
+        return torch.ones_like(masked) if masked[self.rank] else masked
 
     def _flip_half(self) -> None:
         self._ll_half ^= 1

@@ -84,10 +84,11 @@ class LLDispatch:
         count_rows = counts.contiguous().view(torch.uint8).view(num_ranks, -1)
         ones = [1] * num_ranks
         got, _ = comm.exchange(count_rows, ones, ones, "world", op)
-        self.recv_counts = got.contiguous().view(torch.int64).view(num_ranks, local_experts)
-        self.recv_counts[self.masked] = 0
+        # Rows from masked sources still arrive (the sender may not know it is masked) and are dropped.
+        self.arriving = got.contiguous().view(torch.int64).view(num_ranks, local_experts)
+        self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
         self.pending: PendingExchange = comm.start_exchange(
-            self.format.pack(tensors), self.send_counts.tolist(), self.recv_counts.sum(1).tolist(), "world", op)
+            self.format.pack(tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world", op)
 
         slots = num_ranks * num_max_tokens
         scales_out = None
@@ -111,6 +112,8 @@ class LLDispatch:
         started = time.perf_counter_ns()
         rows = self.pending.wait()
         waited = time.perf_counter_ns() - started
+        if self.masked.any():
+            rows = rows[~self.masked.repeat_interleave(self.arriving.sum(1))]
         received = self.format.unpack(rows)
         expert, slot, begin = cpu.ll_recv_slots(self.recv_counts)
         out = self.out
@@ -151,7 +154,16 @@ class LLCombine:
         per_source = per_source.masked_fill(masked, 0)
         rows = expert_out[expert[keep], slot[keep]]
         rows = cpu.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
-        self.pending = comm.start_exchange(rows, per_source.tolist(), counts.sum(1).tolist(), "world", op)
+        expected = counts.sum(1)
+        # With masks, ranks may disagree on who is cut off: learn the counts instead of assuming them.
+        self.pending = comm.start_exchange(rows, per_source.tolist(), None if masked.any() else expected.tolist(),
+                                           "world", op)
+        if masked.any() and self.pending.recv_counts != expected.tolist():
+            self.pending.wait()
+            wrong = [r for r, (a, b) in enumerate(zip(self.pending.recv_counts, expected.tolist(), strict=True))
+                     if a != b]
+            raise ValueError(f"{op}: rank(s) {wrong} sent back a different number of rows than were dispatched "
+                             "to them; are the rank masks the same on every rank?")
         self.done = False
 
     def recv(self, out: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Shared fixtures: rank pools of 2, 4 and 8 processes, a per-test timeout, leak checks.
+
+Run from the repository root: ``python -m pytest tests``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.rankpool import RankPool, live_pids
+
+POOL_SIZES = (2, 4, 8)
+DEFAULT_TEST_TIMEOUT_S = 120
+SHM_DIR = "/dev/shm"
+# Worker environment: portep's own deadline fires before the pool's, so a hang in portep shows
+# up as portep's error (naming ranks), not as a pool timeout.
+WORKER_ENV = {"PORTEP_TIMEOUT_S": "45"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets a timeout (pytest-timeout) unless it sets its own."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT_S))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests asking for ``backend`` run once per registered portep backend."""
+    if "backend" in metafunc.fixturenames:
+        from portep import backends
+
+        metafunc.parametrize("backend", backends.available())
+
+
+def _portep_segments() -> set[str]:
+    try:
+        return {name for name in os.listdir(SHM_DIR) if "portep" in name.lower()}
+    except OSError:
+        return set()
+
+
+def _mapped_shm_paths() -> set[str]:
+    """Every /dev/shm path some live process has mapped or open."""
+    paths: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    index = line.find(SHM_DIR + "/")
+                    if index >= 0:
+                        paths.add(line[index:].strip().removesuffix(" (deleted)"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM_DIR + "/"):
+                    paths.add(target)
+        except OSError:
+            continue
+    return paths
+
+
+@pytest.fixture(scope="session")
+def _leak_check() -> Iterator[list[RankPool]]:
+    """At session end (after the pools are closed): no pool worker alive, no leaked portep segment.
+
+    A segment counts as leaked when it appeared during this session and no live process has it
+    mapped or open (segments of other, concurrent test sessions are in use and not reported).
+    """
+    before = _portep_segments()
+    pools: list[RankPool] = []
+    yield pools
+    pids = [pid for pool in pools for pid in pool.all_pids]
+    alive = live_pids(pids)
+    in_use = _mapped_shm_paths()
+    leaked = sorted(s for s in _portep_segments() - before if os.path.join(SHM_DIR, s) not in in_use)
+    assert not alive, f"rank pool worker process(es) still alive after the session: {alive}"
+    assert not leaked, f"portep shared-memory segment(s) left in {SHM_DIR}: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def rank_pools(_leak_check: list[RankPool]) -> Iterator[Callable[[int], RankPool]]:
+    """``rank_pools(n)``: the session's pool of ``n`` ranks, started on first use."""
+    pools: dict[int, RankPool] = {}
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size, env=WORKER_ENV)
+            _leak_check.append(pools[world_size])
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool2(rank_pools: Callable[[int], RankPool]) -> RankPool:
+    return rank_pools(2)
+
+
+@pytest.fixture(scope="session")
+def pool4(rank_pools: Callable[[int], RankPool]) -> RankPool:
+    return rank_pools(4)
+
+
+@pytest.fixture(scope="session")
+def pool8(rank_pools: Callable[[int], RankPool]) -> RankPool:
+    return rank_pools(8)

@@ -1,0 +1,63 @@
+"""High-throughput mode on 2, 4 and 8 ranks, one and two (virtual) nodes, against the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests import tasks_ht
+from tests.rankpool import RankPool
+
+# (ranks, nodes): one node, two nodes, and two nodes of one rank (network hop only).
+TOPOLOGIES = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]
+TOPOLOGY_IDS = [f"{r}ranks-{n}node" for r, n in TOPOLOGIES]
+
+
+def _tokens(world_size: int) -> list[int]:
+    """Different token counts per rank, one rank with a single token."""
+    return [(24 + 9 * r) % 40 + 1 if r != 1 else 1 for r in range(world_size)]
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), TOPOLOGIES, ids=TOPOLOGY_IDS)
+def test_layout(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
+    rank_pools(world_size).run(tasks_ht.layout, seed=1, num_nodes=num_nodes, num_tokens=_tokens(world_size),
+                               num_experts=4 * world_size, topk=4)
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), TOPOLOGIES, ids=TOPOLOGY_IDS)
+def test_dispatch_combine_bf16(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int,
+                               backend: str) -> None:
+    rank_pools(world_size).run(tasks_ht.dispatch_combine, seed=2, num_nodes=num_nodes,
+                               num_tokens=_tokens(world_size), hidden=256, num_experts=4 * world_size, topk=6,
+                               backend=backend)
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(4, 2), (8, 2)], ids=["4ranks-2node", "8ranks-2node"])
+def test_dispatch_expert_alignment(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
+    rank_pools(world_size).run(tasks_ht.dispatch_combine, seed=3, num_nodes=num_nodes,
+                               num_tokens=_tokens(world_size), hidden=128, num_experts=2 * world_size, topk=3,
+                               expert_alignment=4)
+
+
+@pytest.mark.parametrize("scales_noncontig", [False, True], ids=["scales-contig", "scales-transposed"])
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(2, 1), (4, 2), (8, 2)],
+                         ids=["2ranks-1node", "4ranks-2node", "8ranks-2node"])
+def test_dispatch_fp8(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int,
+                      scales_noncontig: bool) -> None:
+    rank_pools(world_size).run(tasks_ht.dispatch_combine, seed=4, num_nodes=num_nodes,
+                               num_tokens=_tokens(world_size), hidden=256, num_experts=2 * world_size, topk=4,
+                               fp8=True, scales_noncontig=scales_noncontig)
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(2, 1), (4, 2), (8, 1)],
+                         ids=["2ranks-1node", "4ranks-2node", "8ranks-1node"])
+def test_num_worst_tokens(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
+    rank_pools(world_size).run(tasks_ht.worst_tokens, seed=5, num_nodes=num_nodes, num_tokens=20, hidden=128,
+                               num_experts=4 * world_size, topk=4)
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(2, 1), (4, 2)], ids=["2ranks-1node", "4ranks-2node"])
+def test_fresh_buffer(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
+    rank_pools(world_size).run(tasks_ht.fresh_buffer_roundtrip, seed=6, num_nodes=num_nodes, hidden=128,
+                               num_experts=2 * world_size)

@@ -1,0 +1,72 @@
+"""Low-latency mode on 2, 4 and 8 ranks against the reference (BF16, FP8, UE8M0, hooks, zero-copy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests import tasks_ll
+from tests.rankpool import RankPool
+
+T = 32  # num_max_dispatch_tokens_per_rank
+
+
+def _tokens(world_size: int, max_tokens: int = T) -> list[int]:
+    """N == T, N == 0, N < T on different ranks."""
+    return [max_tokens, 0, max_tokens - 5, 1, max_tokens - 1, 7, max_tokens, 3][:world_size]
+
+
+TOPOLOGIES = [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)]
+TOPOLOGY_IDS = [f"{r}ranks-{n}node" for r, n in TOPOLOGIES]
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), TOPOLOGIES, ids=TOPOLOGY_IDS)
+def test_bf16(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int, backend: str) -> None:
+    rank_pools(world_size).run(tasks_ll.dispatch_combine, seed=11, num_nodes=num_nodes,
+                               num_tokens=_tokens(world_size), max_tokens=T, hidden=256,
+                               num_experts=4 * world_size, topk=6, backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("round_scale", "use_ue8m0", "hidden"),
+    [(False, False, 256), (True, False, 256), (True, True, 512)],
+    ids=["fp8", "fp8-round_scale", "fp8-ue8m0"],
+)
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(2, 1), (4, 2), (8, 1)],
+                         ids=["2ranks-1node", "4ranks-2node", "8ranks-1node"])
+def test_fp8(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int, round_scale: bool,
+             use_ue8m0: bool, hidden: int) -> None:
+    rank_pools(world_size).run(tasks_ll.dispatch_combine, seed=12, num_nodes=num_nodes,
+                               num_tokens=_tokens(world_size), max_tokens=T, hidden=hidden,
+                               num_experts=2 * world_size, topk=4, use_fp8=True, round_scale=round_scale,
+                               use_ue8m0=use_ue8m0)
+
+
+def test_hidden_not_deepep_size(pool2: RankPool) -> None:
+    """Any hidden that is a multiple of 128 works (DeepEP's LL kernels only take 2048...8192)."""
+    pool2.run(tasks_ll.dispatch_combine, seed=13, num_nodes=1, num_tokens=[5, 9], max_tokens=9, hidden=384,
+              num_experts=6, topk=3, use_fp8=True)
+
+
+def test_logfmt(pool4: RankPool) -> None:
+    pool4.run(tasks_ll.dispatch_combine, seed=14, num_nodes=1, num_tokens=_tokens(4), max_tokens=T, hidden=256,
+              num_experts=8, topk=4, use_logfmt=True)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_double_buffer_hooks(rank_pools: Callable[[int], RankPool], world_size: int, use_fp8: bool) -> None:
+    rank_pools(world_size).run(tasks_ll.double_buffer, seed=15, num_nodes=1, max_tokens=16, hidden=256,
+                               num_experts=2 * world_size, topk=3, use_fp8=use_fp8)
+
+
+@pytest.mark.parametrize(("world_size", "num_nodes"), [(2, 1), (4, 2)], ids=["2ranks-1node", "4ranks-2node"])
+def test_clean_low_latency_buffer_switch_modes(rank_pools: Callable[[int], RankPool], world_size: int,
+                                               num_nodes: int) -> None:
+    rank_pools(world_size).run(tasks_ll.clean_and_switch, seed=16, num_nodes=num_nodes, max_tokens=16,
+                               hidden=256, num_experts=4 * world_size, topk=4)
+
+
+def test_masked_rank(pool4: RankPool) -> None:
+    pool4.run(tasks_ll.masked, seed=17, max_tokens=16, hidden=128, num_experts=8, topk=4, masked_rank=2)
