@@ -84,6 +84,15 @@ class CommBackend(ABC):
         pending = self.start_exchange(rows, send_counts, recv_counts, scope, op)
         return pending.wait(), pending.recv_counts
 
+    def exchange_counts(self, counts: torch.Tensor, op: str) -> torch.Tensor:
+        """Send row ``r`` of int64 `[num_ranks, k]` ``counts`` to rank ``r`` (world scope); return the
+        `[num_ranks, k]` rows received, row ``r`` from rank ``r``."""
+        num_ranks = counts.size(0)
+        rows = counts.to(torch.int64).contiguous().view(torch.uint8).view(num_ranks, -1)
+        ones = [1] * num_ranks
+        got, _ = self.exchange(rows, ones, ones, "world", op)
+        return got.contiguous().view(torch.int64).view(num_ranks, -1)
+
     @abstractmethod
     def barrier(self, op: str) -> None:
         """Wait until every rank of the group has arrived."""

@@ -292,7 +292,7 @@ class Buffer:
         num_experts = num_tokens_per_expert.numel()
         local_experts = num_experts // self.group_size
         payload = ht.Payload(data, scales, topk_idx, topk_weights)
-        received, _, maps = ht.dispatch(self._backend, payload, is_token_in_rank, op)
+        received, maps = ht.dispatch(self._backend, payload, is_token_in_rank, op)
         num_recv = maps["order"].numel()
 
         recv_topk_idx = recv_topk_weights = None
@@ -303,7 +303,8 @@ class Buffer:
             recv_topk_weights = torch.where(mine, received["topk_weights"], torch.zeros_like(received["topk_weights"]))
             per_expert = torch.bincount(recv_topk_idx[mine], minlength=local_experts)
         else:
-            per_expert = self._exchange_expert_counts(num_tokens_per_expert, op)
+            # Selections every rank sends to this rank's experts.
+            per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op).sum(0)
         counts = ((per_expert + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
         handle = ht.HTHandle(buffer_id=self.buffer_id, num_tokens=num_tokens, hidden=data.size(1),
                              is_token_in_rank=is_token_in_rank, num_recv_tokens_per_expert_list=counts, **maps)
@@ -320,15 +321,8 @@ class Buffer:
         event = _event(async_finish, recv_x, recv_scales, recv_topk_idx, recv_topk_weights)
         return out_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
-    def _exchange_expert_counts(self, num_tokens_per_expert: torch.Tensor, op: str) -> torch.Tensor:
-        """Selections every rank sends to this rank's experts (when topk_idx is not dispatched)."""
-        rows = num_tokens_per_expert.to(torch.int64).view(self.group_size, -1).contiguous()
-        ones = [1] * self.group_size
-        got, _ = self._backend.exchange(rows.view(torch.uint8).view(self.group_size, -1), ones, ones, "world", op)
-        return got.contiguous().view(torch.int64).view(self.group_size, -1).sum(0)
-
     def _check_ht_handle(self, op: str, handle: Any) -> None:
-        if isinstance(handle, ll.LowLatencyHandle) or isinstance(handle, tuple):
+        if isinstance(handle, tuple):
             raise ValueError(f"{op}: handle comes from low_latency_dispatch, not from dispatch")
         if not isinstance(handle, ht.HTHandle):
             raise TypeError(f"{op}: handle must come from dispatch, got {type(handle).__name__}")

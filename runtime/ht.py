@@ -82,11 +82,11 @@ def _node_of_rows(counts: list[int]) -> torch.Tensor:
 
 def dispatch(
     comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor, op: str = "dispatch"
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Move each token to every rank in its row of ``is_token_in_rank``.
 
-    Returns the received tensors (ordered by source rank, then source token), the source rank of
-    each received row, and the index maps a handle keeps.
+    Returns the received tensors (ordered by source rank, then source token) and the index maps
+    a handle keeps.
     """
     topo = comm.topology
     num_tokens, per_node = is_token_in_rank.size(0), topo.ranks_per_node
@@ -113,7 +113,7 @@ def dispatch(
     out = {name: received[name][order] for name in payload.tensors()}
     maps = dict(net_index=net_index, net_send=net_send, net_recv=net_recv, node_index=node_index,
                 node_send=node_send, node_recv=node_recv, order=order)
-    return out, received["src_rank"].view(-1)[order], maps
+    return out, maps
 
 
 def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: str = "dispatch") -> dict:
@@ -122,8 +122,7 @@ def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: s
     rows, _ = comm.exchange(fmt.pack(payload.tensors(), handle.net_index), handle.net_send, handle.net_recv,
                             "peers", op)
     rows, _ = comm.exchange(rows[handle.node_index], handle.node_send, handle.node_recv, "node", op)
-    received = fmt.unpack(rows[handle.order])
-    return received
+    return fmt.unpack(rows[handle.order])
 
 
 def combine(

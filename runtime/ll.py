@@ -81,11 +81,8 @@ class LLDispatch:
         self.format = RowFormat(fields)
 
         # Counts first (one small message per peer), then the rows, left in flight.
-        count_rows = counts.contiguous().view(torch.uint8).view(num_ranks, -1)
-        ones = [1] * num_ranks
-        got, _ = comm.exchange(count_rows, ones, ones, "world", op)
         # Rows from masked sources still arrive (the sender may not know it is masked) and are dropped.
-        self.arriving = got.contiguous().view(torch.int64).view(num_ranks, local_experts)
+        self.arriving = comm.exchange_counts(counts, op)
         self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
         self.pending: PendingExchange = comm.start_exchange(
             self.format.pack(tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world", op)
