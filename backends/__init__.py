@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 
 import torch.distributed as dist
+
 from portep.topology import Topology
 
 from .base import CommBackend, PendingExchange, Scope, TrafficStats

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
 from portep.topology import Topology
 
 Scope = Literal["world", "node", "peers"]

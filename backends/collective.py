@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from portep.errors import CommTimeoutError, TransportError
 from portep.topology import Topology
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from portep import backends, ht, ll
 from portep import validation as check
 from portep.config import Config, combine_config, dispatch_config

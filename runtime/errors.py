@@ -25,7 +25,11 @@ class CommTimeoutError(PortepError, TimeoutError):
         self.op = op
         self.timeout_s = timeout_s
         self.ranks = tuple(sorted(ranks))
-        who = f"rank(s) {list(self.ranks)} did not arrive" if self.ranks else "peers did not arrive"
+        if self.ranks:
+            who = f"rank(s) {list(self.ranks)} did not arrive"
+        else:
+            who = detail or "peers did not arrive"
+            detail = ""
         msg = f"{op}: timed out after {timeout_s:g} s: {who}"
         super().__init__(f"{msg}; {detail}" if detail else msg)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from portep.backends import CommBackend
 from portep.native import cpu
 from portep.native.cpu import Field, RowFormat

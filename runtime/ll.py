@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from portep.backends import CommBackend, PendingExchange
 from portep.native import cpu
 from portep.native.cpu import Field, RowFormat

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from portep import reference
 
+from portep import reference
 from tests.tasks_common import (
     assert_close,
     assert_equal,

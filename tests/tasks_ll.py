@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import portep
 import torch
 import torch.distributed as dist
-from portep import reference
 
+import portep
+from portep import reference
 from tests.tasks_common import (
     assert_close,
     assert_equal,

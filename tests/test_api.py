@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 
-import portep
 import pytest
 import torch
+
+import portep
 
 _ = inspect.Parameter.empty
 REQUIRED = _
