@@ -24,13 +24,14 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from portep.launch import free_port
 
 STARTUP_TIMEOUT_S = 120.0
 # Once a rank has failed, how long the others may stay silent (e.g. blocked in a collective
@@ -60,13 +61,6 @@ def clear_worker_cache() -> None:
                 traceback.print_exc()
     del values
     gc.collect()
-
-
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -167,7 +161,7 @@ class RankPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = find_free_port()
+        port = free_port()
         procs, conns = [], []
         for rank in range(self.world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
