@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from multiprocessing import resource_tracker, shared_memory
 
@@ -36,6 +37,19 @@ def backoff(attempt: int) -> None:
     if attempt < 64:
         return
     time.sleep(min(1e-3, 1e-6 * 2 ** min(attempt - 64, 10)))
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Open a segment without registering it with the resource tracker: only the owner removes it
+    (the tracker, shared with spawned children, would otherwise unlink it when an attacher exits)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
 
 
 class DescriptorRing:
@@ -71,11 +85,7 @@ class DescriptorRing:
     @classmethod
     def attach(cls, name: str) -> DescriptorRing:
         """Open an existing ring by segment name."""
-        segment = shared_memory.SharedMemory(name=name)
-        # Only the owner may remove the segment: keep this process's resource tracker from
-        # unlinking it when this process exits.
-        resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001
-        return cls(segment, owner=False)
+        return cls(_attach_untracked(name), owner=False)
 
     # ---------------------------------------------------------------- producer side
     def free_slots(self) -> int:
