@@ -90,7 +90,7 @@ class Proxy:
             self.stats.per_peer_bytes[peer] = self.stats.per_peer_bytes.get(peer, 0) + length
 
     def step(self) -> int:
-        """One pass of the loop; returns the descriptors handled."""
+        """One pass of the loop; returns descriptors taken plus transport messages applied (0: idle)."""
         batch = self.poll_rings()
         if batch.size:
             if (batch["version"] != DESCRIPTOR_VERSION).any():

@@ -88,9 +88,6 @@ class DescriptorRing:
         return cls(_attach_untracked(name), owner=False)
 
     # ---------------------------------------------------------------- producer side
-    def free_slots(self) -> int:
-        return self.capacity - (int(self._head[0]) - int(self._tail[0]))
-
     def push(self, records: np.ndarray, timeout_s: float, op: str = "ring push") -> None:
         """Append ``records`` (:data:`DESCRIPTOR_DTYPE`), waiting for room up to ``timeout_s``."""
         records = np.atleast_1d(records)
