@@ -98,6 +98,10 @@ class CommBackend(ABC):
     def barrier(self, op: str) -> None:
         """Wait until every rank of the group has arrived."""
 
+    def data_path_stats(self) -> dict[str, int]:
+        """Counters of the machinery under this backend (e.g. its proxy), by name; none by default."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to release)
         """Release resources; the backend is unusable afterwards."""
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from portep.proxy.signals import SignalTable
 
+from .faults import Faults, FaultyDelivery
+
 DEFAULT_CHUNK_BYTES = 64 * 1024
 
 
@@ -50,11 +52,12 @@ class Transport(ABC):
         self.region: np.ndarray | None = None
         self.signals: SignalTable | None = None
 
-    def register(self, region: np.ndarray, num_signal_slots: int) -> None:
-        """Expose ``region`` (uint8, this rank's buffer) to peers, with ``num_signal_slots`` signals."""
+    def register(self, region: np.ndarray, num_signal_slots: int, signal_values: np.ndarray | None = None) -> None:
+        """Expose ``region`` (uint8, this rank's buffer) to peers, with ``num_signal_slots`` signals
+        (kept in ``signal_values`` when given, e.g. shared memory the rank polls)."""
         if region.dtype != np.uint8 or region.ndim != 1:
             raise TypeError(f"{self.name}: the registered region must be a 1-D uint8 array")
-        self.region, self.signals = region, SignalTable(num_signal_slots)
+        self.region, self.signals = region, SignalTable(num_signal_slots, signal_values)
 
     @abstractmethod
     def address(self) -> bytes:
@@ -89,6 +92,12 @@ class MessageTransport(Transport):
         super().__init__(rank)
         self.chunk_bytes = chunk_bytes
         self._tagged_sent: dict[tuple[int, int], int] = defaultdict(int)
+        self._delivery: FaultyDelivery | None = None
+        self.messages_in = 0
+
+    def inject_faults(self, faults: Faults) -> None:
+        """Reorder / delay / drop what this endpoint receives (tests of the protocol's robustness)."""
+        self._delivery = FaultyDelivery(faults, seed_offset=self.rank)
 
     @abstractmethod
     def send(self, peer: int, message: Message) -> None:
@@ -121,6 +130,9 @@ class MessageTransport(Transport):
 
     def poll(self, max_messages: int | None = None) -> int:
         messages = self.receive(max_messages)
+        if self._delivery is not None:
+            messages = self._delivery.deliver(messages, max_messages)
+        self.messages_in += len(messages)
         for message in messages:
             self._apply(message)
         return len(messages)

@@ -4,7 +4,10 @@ A put-with-signal to slot ``s`` travels as data messages tagged with ``(source, 
 message carrying the value to add and ``cumulative_bytes``: every byte the source has sent to
 that slot so far, this put included. The receiver adds the value only once that many bytes have
 landed for ``(source, s)``. Data and signals may arrive in any order (EFA SRD does not keep
-order), yet a signal is never visible before the bytes it guards, and each is applied once.
+order), yet a signal is never visible before the bytes it guards, and each is applied once —
+provided a producer has at most one put in flight per ``(source, s)``: bytes are counted, not
+named, so a second put's early bytes could otherwise stand in for the first's late ones. The
+stream protocol (:mod:`portep.proxy.streams`) keeps one counter per receive slot for that reason.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import numpy as np
 class SignalTable:
     """Signal counters of one rank (int64 `[num_slots]`), fed by data and signal arrivals."""
 
-    def __init__(self, num_slots: int) -> None:
-        self.values = np.zeros(num_slots, dtype=np.int64)
+    def __init__(self, num_slots: int, values: np.ndarray | None = None) -> None:
+        """``values``: where the counters live (e.g. int64 words in a shared-memory window the
+        rank polls); a private zeroed array when None."""
+        if values is not None and (values.dtype != np.int64 or values.shape != (num_slots,)):
+            raise TypeError(f"signal values must be int64 [{num_slots}], got {values.dtype} {values.shape}")
+        self.values = np.zeros(num_slots, dtype=np.int64) if values is None else values
         self._landed: dict[tuple[int, int], int] = defaultdict(int)
         self._waiting: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
         self._order = 0  # tie-break so the heap never compares values

@@ -5,17 +5,39 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
 
-from .buffer import Buffer
-from .config import Config
 from .errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
-from .event import EventOverlap
 
 __version__ = "0.1.0"
 
-#: dtype of expert ids (``topk_idx``), as in DeepEP.
-topk_idx_t = torch.int64
+if TYPE_CHECKING:
+    import torch
+
+    from .buffer import Buffer
+    from .config import Config
+    from .event import EventOverlap
+
+    topk_idx_t: torch.dtype
+
+# Imported on first use, so that processes that need only part of portep (the proxy, which never
+# touches torch) start fast.
+_LAZY = {"Buffer": ".buffer", "Config": ".config", "EventOverlap": ".event"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name == "topk_idx_t":  # dtype of expert ids (``topk_idx``), as in DeepEP
+        import torch
+
+        value = torch.int64
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Buffer",

@@ -168,12 +168,15 @@ class Buffer:
     def get_stats(self) -> dict[str, int]:
         """What this rank has sent so far: rows and bytes per scope (``world``, ``node`` (intra-node)
         and ``peers`` (inter-node)); ``ht_internode_rows`` counts HT rows sent to other nodes
-        (dispatch copies and combine partial sums)."""
+        (dispatch copies and combine partial sums). The ring backend adds its data path's counters:
+        ``chunks_written``/``chunks_read`` and the proxy's ``proxy_descriptors``, ``proxy_bytes``,
+        ``proxy_signals``, ``proxy_max_queue_depth`` and others."""
         stats = self._backend.stats
         out = {"exchanges": stats.exchanges, "ht_internode_rows": stats.rows_sent["peers"]}
         for scope in ("world", "node", "peers"):
             out[f"rows_{scope}"] = stats.rows_sent[scope]
             out[f"bytes_{scope}"] = stats.bytes_sent[scope]
+        out.update(self._backend.data_path_stats())
         return out
 
     @property

@@ -153,13 +153,15 @@ class LLCombine:
         rows = expert_out[expert[keep], slot[keep]]
         rows = cpu.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
         expected = counts.sum(1)
+        wrong: list[int] = []
         # With masks, ranks may disagree on who is cut off: learn the counts instead of assuming them.
         self.pending = comm.start_exchange(rows, per_source.tolist(), None if masked.any() else expected.tolist(),
                                            "world", op)
         if masked.any() and self.pending.recv_counts != expected.tolist():
-            self.pending.wait()
+            self.pending.wait()  # some backends learn the counts only with the rows
             wrong = [r for r, (a, b) in enumerate(zip(self.pending.recv_counts, expected.tolist(), strict=True))
                      if a != b]
+        if masked.any() and wrong:
             raise ValueError(f"{op}: rank(s) {wrong} sent back a different number of rows than were dispatched "
                              "to them; are the rank masks the same on every rank?")
         self.done = False

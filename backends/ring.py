@@ -1,0 +1,173 @@
+"""The ring backend: portep's own data path (DESIGN: the control/data-plane split).
+
+Each rank owns a shared-memory window (:mod:`portep.proxy.window`), a descriptor ring and a proxy
+process that drives a transport. Rows move as credit-based streams (:mod:`portep.proxy.streams`):
+
+* to a rank on the same node, the rank copies straight into the peer's window (what NVLink /
+  xGMI stores do on a GPU);
+* to a rank on another node, it stages the bytes in its own window and writes PUT_SIGNAL
+  descriptors into its ring; its proxy posts them on the transport, and the receiving proxy
+  applies the signal once every byte landed.
+
+The transport between nodes is chosen from what the machine has (``PORTEP_TRANSPORT`` forces one).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from portep.proxy.process import ProxyProcess
+from portep.proxy.ring import DescriptorRing
+from portep.proxy.streams import Channel, DirectChannel, ProxyChannel, StreamEngine, StreamExchange, StreamLayout
+from portep.proxy.window import Window
+from portep.topology import Topology
+
+from .base import CommBackend, PendingExchange, Scope
+
+CHUNK_ENV = "PORTEP_CHUNK_BYTES"
+TRANSPORT_ENV = "PORTEP_TRANSPORT"
+DEFAULT_CHUNK_BYTES = 1 << 20
+RING_CAPACITY = 4096
+
+
+def chunk_bytes_from_env() -> int:
+    value = os.environ.get(CHUNK_ENV)
+    if not value:
+        return DEFAULT_CHUNK_BYTES
+    try:
+        chunk = int(value)
+    except ValueError as exc:
+        raise ValueError(f"{CHUNK_ENV}={value!r} is not an integer") from exc
+    if chunk < 4096:
+        raise ValueError(f"{CHUNK_ENV} must be at least 4096 bytes, got {chunk}")
+    return chunk
+
+
+def transport_name() -> str:
+    """``PORTEP_TRANSPORT`` if set, else the best transport this machine has."""
+    forced = os.environ.get(TRANSPORT_ENV)
+    if forced:
+        return forced
+    from .transports import auto_transport_name
+
+    return auto_transport_name()
+
+
+class _RingPending(PendingExchange):
+    def __init__(self, engine: StreamEngine, exchange: StreamExchange) -> None:
+        self.engine, self.exchange = engine, exchange
+        self.rows: torch.Tensor | None = None
+
+    @property
+    def recv_counts(self) -> list[int | None]:  # type: ignore[override]
+        return self.exchange.recv_counts
+
+    def wait(self) -> torch.Tensor:
+        if self.rows is None:
+            rows = self.engine.wait(self.exchange)
+            # torch keeps numpy's strides, which are arbitrary for an empty array
+            self.rows = torch.from_numpy(rows) if rows.size else torch.empty(rows.shape, dtype=torch.uint8)
+        return self.rows
+
+
+def _release(proxy: ProxyProcess | None, windows: list[Window], ring: DescriptorRing) -> None:
+    if proxy is not None:
+        proxy.stop()
+    for window in windows:
+        window.close()
+    ring.close()
+
+
+class RingBackend(CommBackend):
+    """Rows move through windows, rings and proxies; see the module docstring."""
+
+    name = "ring"
+
+    def __init__(self, group: dist.ProcessGroup, topology: Topology, timeout_s: float) -> None:
+        super().__init__(topology)
+        self.group, self.timeout_s = group, timeout_s
+        rank, world = topology.rank, topology.num_ranks
+        self.layout = layout = StreamLayout(world, chunk_bytes_from_env())
+        self.window = Window.create(layout.num_signals, layout.data_bytes, tag=f"r{rank}-")
+        self.ring = DescriptorRing.create(RING_CAPACITY)
+        remote = [p for p in range(world) if topology.node_of(p) != topology.node]
+        self.proxy: ProxyProcess | None = None
+        windows = [self.window]
+        self._finalizer = weakref.finalize(self, _release, None, windows, self.ring)
+        if remote:
+            self.proxy = ProxyProcess(rank, self.window, [self.ring], transport_name(), timeout_s)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
+
+        # Rendezvous: every rank learns its peers' windows and proxy addresses.
+        mine = {"window": self.window.name, "host": socket.gethostname(),
+                "proxy": self.proxy.address.hex() if self.proxy else None}
+        infos: list[dict | None] = [None] * world
+        dist.all_gather_object(infos, mine, group=group)
+        queue: list = []
+        channels: dict[int, Channel] = {}
+        for peer in range(world):
+            if peer == rank:
+                continue
+            if peer in remote:
+                channels[peer] = ProxyChannel(rank, peer, layout, self.window, queue)
+            else:
+                peer_window = Window.attach(infos[peer]["window"], layout.num_signals, layout.data_bytes)
+                windows.append(peer_window)
+                channels[peer] = DirectChannel(rank, peer, layout, peer_window)
+        if self.proxy is not None:
+            self.proxy.connect({p: bytes.fromhex(infos[p]["proxy"]) for p in remote})
+        self.engine = StreamEngine(rank, self.window, layout, channels, self.ring, queue, timeout_s,
+                                   check_alive=self._check_alive)
+        dist.barrier(group=group)  # every proxy is serving before any data moves
+
+    # ------------------------------------------------------------------ scopes
+    def scope_ranks(self, scope: Scope) -> list[int]:
+        """Group ranks of ``scope``, in scope order."""
+        t = self.topology
+        if scope == "world":
+            return list(range(t.num_ranks))
+        return t.node_ranks(t.node) if scope == "node" else t.peer_ranks(t.local_rank)
+
+    def scope_size(self, scope: Scope) -> int:
+        return len(self.scope_ranks(scope))
+
+    def scope_index(self, scope: Scope) -> int:
+        return self.scope_ranks(scope).index(self.topology.rank)
+
+    # ------------------------------------------------------------------ moving rows
+    def start_exchange(
+        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str
+    ) -> PendingExchange:
+        peers = self.scope_ranks(scope)
+        me = peers.index(self.topology.rank)
+        self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
+        data = rows.contiguous().numpy()
+        return _RingPending(self.engine, self.engine.start(peers, data, send_counts, recv_counts, op))
+
+    def barrier(self, op: str) -> None:
+        peers = self.scope_ranks("world")
+        empty = torch.zeros(0, 0, dtype=torch.uint8).numpy()
+        zeros = [0] * len(peers)
+        self.engine.wait(self.engine.start(peers, empty, zeros, zeros, op))
+
+    # ------------------------------------------------------------------ health, stats, teardown
+    def _check_alive(self, op: str) -> None:
+        if self.proxy is not None:
+            self.proxy.check(op)
+
+    def data_path_stats(self) -> dict[str, int]:
+        """Chunks this rank wrote and read, and its proxy's counters (``proxy_*``; none on a single
+        node, which needs no proxy)."""
+        out = {"chunks_written": self.engine.chunks_written, "chunks_read": self.engine.chunks_read}
+        if self.proxy is not None:
+            out.update({f"proxy_{name}": value for name, value in self.proxy.stats().items()})
+        return out
+
+    def close(self) -> None:
+        self._finalizer()

@@ -1,0 +1,135 @@
+"""The proxy process: one per NIC, serving the descriptor rings of the rank that started it.
+
+It runs apart from the rank so the two never share a GIL. Start-up is a short conversation on
+stdin/stdout (JSON lines) with :class:`~portep.proxy.process.ProxyProcess`:
+
+1. the rank sends its configuration (window, rings, transport, deadline);
+2. the proxy opens the transport and answers with its address;
+3. the rank sends every peer's address (gathered by the control plane); the proxy connects and
+   answers ``ready``.
+
+Then it loops — drain rings, post, progress, publish stats into the window's control block —
+until the rank asks it to stop, or the rank's process is gone (so no proxy outlives its rank).
+It imports neither torch nor the rank's Python state, so it starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from portep.backends.faults import FAULTS_ENV, Faults
+from portep.backends.transport import MessageTransport
+
+from .loop import Proxy
+from .ring import DescriptorRing, backoff
+from .window import Control, ProxyState, Window
+
+STATS_PERIOD_S = 0.02
+
+
+def _send(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _receive() -> dict[str, Any]:
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit(0)  # the rank went away during start-up
+    return json.loads(line)
+
+
+def publish(proxy: Proxy, window: Window, steps: int) -> None:
+    """Copy the proxy's counters into the window, where the rank (and ``portep status``) reads them."""
+    s, c = proxy.stats, window.control
+    c[Control.STEPS] = steps
+    c[Control.DESCRIPTORS] = s.descriptors
+    c[Control.PUTS] = s.puts_posted
+    c[Control.BYTES] = s.bytes_posted
+    c[Control.SIGNALS] = s.signals_posted
+    c[Control.COALESCED] = s.coalesced
+    c[Control.MAX_QUEUE_DEPTH] = s.max_queue_depth
+    c[Control.IDLE_POLLS] = s.idle_polls
+    c[Control.MESSAGES_IN] = getattr(proxy.transport, "messages_in", 0)
+    c[Control.STALLS] = getattr(proxy.transport, "stalls", 0)
+
+
+def serve(proxy: Proxy, window: Window, parent_pid: int) -> None:
+    """The loop: step, back off when idle, publish stats and watch for stop / a dead rank."""
+    steps = idle = 0
+    last = time.monotonic()
+    while True:
+        steps += 1
+        if proxy.step():
+            idle = 0
+        else:
+            proxy.stats.idle_polls += 1
+            backoff(idle)
+            idle += 1
+        now = time.monotonic()
+        if now - last >= STATS_PERIOD_S:
+            last = now
+            publish(proxy, window, steps)
+            if window.control[Control.STOP] or os.getppid() != parent_pid:
+                return
+
+
+def create_transport(name: str, rank: int, window: Window, timeout_s: float):  # placeholder until registry lands
+    if name == "shm":
+        from portep.backends.shm import ShmTransport
+
+        return ShmTransport(rank, window)
+    if name == "socket":
+        from portep.backends.socket import UnixSocketTransport
+
+        return UnixSocketTransport(rank, timeout_s=timeout_s)
+    raise ValueError(f"unknown transport {name!r}")
+
+
+def main() -> int:
+    config = _receive()
+    window = Window.attach(config["window"], config["num_signals"], config["data_bytes"])
+    rings = [DescriptorRing.attach(name) for name in config["rings"]]
+    transport = None
+    try:
+        transport = create_transport(config["transport"], config["rank"], window=window,
+                                     timeout_s=config["timeout_s"])
+        transport.register(window.data, window.num_signals, window.signals)
+        faults = Faults.from_env()
+        if faults is not None:
+            if not isinstance(transport, MessageTransport):
+                raise ValueError(f"{FAULTS_ENV} needs a message transport; {transport.name} writes memory directly")
+            transport.inject_faults(faults)
+        _send({"address": transport.address().hex(), "transport": transport.name})
+        peers = _receive()["peers"]
+        for peer, address in peers.items():
+            transport.connect(int(peer), bytes.fromhex(address))
+        window.control[Control.PID] = os.getpid()
+        window.control[Control.STATE] = ProxyState.READY
+        _send({"ready": True})
+        serve(Proxy(rings, transport), window, config["parent_pid"])
+        window.control[Control.STATE] = ProxyState.STOPPED
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the rank, then the process exits
+        if isinstance(exc, SystemExit):
+            raise
+        window.control[Control.STATE] = ProxyState.FAILED
+        detail = f"{type(exc).__name__}: {exc}"
+        _send({"error": detail})
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    finally:
+        if transport is not None:
+            transport.close()
+        for ring in rings:
+            ring.close()
+        window.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
