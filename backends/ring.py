@@ -14,15 +14,21 @@ The transport between nodes is chosen from what the machine has (``PORTEP_TRANSP
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from portep.errors import PeerFailureError, PortepError
 from portep.proxy.process import ProxyProcess
 from portep.proxy.ring import DescriptorRing
+from portep.proxy.session import session_for
 from portep.proxy.streams import Channel, DirectChannel, ProxyChannel, StreamEngine, StreamExchange, StreamLayout
 from portep.proxy.window import Window
 from portep.topology import Topology
@@ -33,6 +39,9 @@ CHUNK_ENV = "PORTEP_CHUNK_BYTES"
 TRANSPORT_ENV = "PORTEP_TRANSPORT"
 DEFAULT_CHUNK_BYTES = 1 << 20
 RING_CAPACITY = 4096
+FAILURE_POLL_S = 0.25  # how often a waiting rank asks the control plane whether a peer gave up
+
+T = TypeVar("T")
 
 
 def chunk_bytes_from_env() -> int:
@@ -59,8 +68,8 @@ def transport_name() -> str:
 
 
 class _RingPending(PendingExchange):
-    def __init__(self, engine: StreamEngine, exchange: StreamExchange) -> None:
-        self.engine, self.exchange = engine, exchange
+    def __init__(self, backend: RingBackend, exchange: StreamExchange) -> None:
+        self.backend, self.exchange = backend, exchange
         self.rows: torch.Tensor | None = None
 
     @property
@@ -69,7 +78,7 @@ class _RingPending(PendingExchange):
 
     def wait(self) -> torch.Tensor:
         if self.rows is None:
-            rows = self.engine.wait(self.exchange)
+            rows = self.backend.guarded(self.exchange.op, lambda: self.backend.engine.wait(self.exchange))
             # torch keeps numpy's strides, which are arbitrary for an empty array
             self.rows = torch.from_numpy(rows) if rows.size else torch.empty(rows.shape, dtype=torch.uint8)
         return self.rows
@@ -91,6 +100,10 @@ class RingBackend(CommBackend):
     def __init__(self, group: dist.ProcessGroup, topology: Topology, timeout_s: float) -> None:
         super().__init__(topology)
         self.group, self.timeout_s = group, timeout_s
+        self.failed: str | None = None
+        self.session = session_for(group)
+        self.prefix = self.session.new_prefix()
+        self._last_failure_poll = 0.0
         rank, world = topology.rank, topology.num_ranks
         self.layout = layout = StreamLayout(world, chunk_bytes_from_env())
         self.window = Window.create(layout.num_signals, layout.data_bytes, tag=f"r{rank}-")
@@ -104,11 +117,12 @@ class RingBackend(CommBackend):
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
 
-        # Rendezvous: every rank learns its peers' windows and proxy addresses.
+        # Rendezvous on the control plane: every rank learns its peers' windows and proxy addresses.
         mine = {"window": self.window.name, "host": socket.gethostname(),
                 "proxy": self.proxy.address.hex() if self.proxy else None}
-        infos: list[dict | None] = [None] * world
-        dist.all_gather_object(infos, mine, group=group)
+        client = self.session.client
+        infos = [json.loads(blob) for blob in client.allgather(f"{self.prefix}/endpoints", json.dumps(mine).encode(),
+                                                               timeout_s)]
         queue: list = []
         channels: dict[int, Channel] = {}
         for peer in range(world):
@@ -123,8 +137,12 @@ class RingBackend(CommBackend):
         if self.proxy is not None:
             self.proxy.connect({p: bytes.fromhex(infos[p]["proxy"]) for p in remote})
         self.engine = StreamEngine(rank, self.window, layout, channels, self.ring, queue, timeout_s,
-                                   check_alive=self._check_alive)
-        dist.barrier(group=group)  # every proxy is serving before any data moves
+                                   check_alive=self._check_alive, diagnose=self._diagnose)
+        if self.proxy is not None:
+            this, prefix = weakref.ref(self), self.prefix  # the stats source must not keep the backend alive
+            client.watch_stats(self.session.new_proxy_id(),
+                               lambda: {"buffer": prefix, **(this().data_path_stats() if this() else {})})
+        client.barrier(f"{self.prefix}/ready", timeout_s)  # every proxy is serving before any data moves
 
     # ------------------------------------------------------------------ scopes
     def scope_ranks(self, scope: Scope) -> list[int]:
@@ -148,18 +166,47 @@ class RingBackend(CommBackend):
         me = peers.index(self.topology.rank)
         self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
         data = rows.contiguous().numpy()
-        return _RingPending(self.engine, self.engine.start(peers, data, send_counts, recv_counts, op))
+        return _RingPending(self, self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts,
+                                                                            op)))
 
     def barrier(self, op: str) -> None:
         peers = self.scope_ranks("world")
         empty = torch.zeros(0, 0, dtype=torch.uint8).numpy()
         zeros = [0] * len(peers)
-        self.engine.wait(self.engine.start(peers, empty, zeros, zeros, op))
+        self.guarded(op, lambda: self.engine.wait(self.engine.start(peers, empty, zeros, zeros, op)))
+
+    def guarded(self, op: str, step: Callable[[], T]) -> T:
+        """Run one step of ``op``; a failure breaks this Buffer (its streams are mid-message) and,
+        when it started here, is published so that peers fail at once naming this rank."""
+        if self.failed is not None:
+            raise PortepError(f"{op}: this Buffer failed earlier ({self.failed}); create a new Buffer")
+        try:
+            return step()
+        except PortepError as exc:
+            self.failed = str(exc)
+            if not isinstance(exc, PeerFailureError):
+                try:
+                    self.session.publish_failure(self.prefix, op, str(exc))
+                except PortepError:
+                    pass  # the control plane is gone too: peers will name this rank by its deadline
+            raise
 
     # ------------------------------------------------------------------ health, stats, teardown
     def _check_alive(self, op: str) -> None:
         if self.proxy is not None:
             self.proxy.check(op)
+        now = time.monotonic()
+        poll = now - self._last_failure_poll > FAILURE_POLL_S
+        if poll:
+            self._last_failure_poll = now
+        self.session.check(self.prefix, op, poll_failures=poll)
+
+    def _diagnose(self) -> str:
+        if self.proxy is None:
+            return ""
+        s = self.proxy.stats()
+        return (f"this rank's proxy ({self.proxy.transport_name}): {s['descriptors']} descriptors, "
+                f"{s['messages_in']} messages in, ring depth {self.ring.pending()}")
 
     def data_path_stats(self) -> dict[str, int]:
         """Chunks this rank wrote and read, and its proxy's counters (``proxy_*``; none on a single

@@ -185,11 +185,13 @@ class StreamEngine:
 
     def __init__(self, rank: int, window: Window, layout: StreamLayout, channels: dict[int, Channel],
                  ring: DescriptorRing | None, descriptor_queue: list[np.ndarray], timeout_s: float,
-                 check_alive: Callable[[str], None] | None = None) -> None:
+                 check_alive: Callable[[str], None] | None = None,
+                 diagnose: Callable[[], str] | None = None) -> None:
         self.rank, self.window, self.layout = rank, window, layout
         self.channels, self.ring, self.timeout_s = channels, ring, timeout_s
         self.queue = descriptor_queue
         self.check_alive = check_alive or (lambda op: None)
+        self.diagnose = diagnose or (lambda: "")
         world = layout.world
         self.sent = [0] * world  # chunks written to each peer
         self.consumed = [0] * world  # chunks copied out from each peer
@@ -348,4 +350,6 @@ class StreamEngine:
                 missing.append(f"rank {source}: {need} byte(s) missing")
         stuck = [f"rank {d}: no credit for chunk {self.sent[d]}" for d in sorted(exchange.pending_to)]
         ranks = exchange.pending_from | exchange.pending_to
-        return CommTimeoutError(exchange.op, self.timeout_s, ranks=ranks, detail="; ".join(missing + stuck))
+        extra = self.diagnose()
+        return CommTimeoutError(exchange.op, self.timeout_s, ranks=ranks,
+                                detail="; ".join(missing + stuck + ([extra] if extra else [])))

@@ -79,20 +79,10 @@ def serve(proxy: Proxy, window: Window, parent_pid: int) -> None:
                 return
 
 
-def create_transport(name: str, rank: int, window: Window, timeout_s: float):  # placeholder until registry lands
-    if name == "shm":
-        from portep.backends.shm import ShmTransport
-
-        return ShmTransport(rank, window)
-    if name == "socket":
-        from portep.backends.socket import UnixSocketTransport
-
-        return UnixSocketTransport(rank, timeout_s=timeout_s)
-    raise ValueError(f"unknown transport {name!r}")
-
-
 def main() -> int:
     config = _receive()
+    from portep.backends.transports import create_transport
+
     window = Window.attach(config["window"], config["num_signals"], config["data_bytes"])
     rings = [DescriptorRing.attach(name) for name in config["rings"]]
     transport = None

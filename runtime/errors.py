@@ -6,7 +6,7 @@ distributed job points at its cause instead of hanging.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class PortepError(RuntimeError):
@@ -35,11 +35,22 @@ class CommTimeoutError(PortepError, TimeoutError):
 
 
 class PeerFailureError(PortepError):
-    """A peer rank failed (died or reported an error) while an operation was in progress."""
+    """A peer rank failed (died or reported an error) while an operation was in progress.
 
-    def __init__(self, op: str, ranks: Iterable[int], detail: str = "") -> None:
+    Attributes:
+        op: the operation that was in progress.
+        ranks: the failed ranks.
+        causes: how each failed rank was detected, by rank (e.g. ``"heartbeat: no heartbeat for
+            5.1 s"``); empty when unknown. Without ``detail``, the message lists them.
+    """
+
+    def __init__(self, op: str, ranks: Iterable[int], detail: str = "",
+                 causes: Mapping[int, str] | None = None) -> None:
         self.op = op
-        self.ranks = tuple(sorted(ranks))
+        self.causes = {int(rank): causes[rank] for rank in sorted(causes)} if causes else {}
+        self.ranks = tuple(sorted(set(ranks) | set(self.causes)))
+        if not detail and self.causes:
+            detail = "; ".join(f"rank {rank}: {how}" for rank, how in self.causes.items())
         msg = f"{op}: peer rank(s) {list(self.ranks)} failed"
         super().__init__(f"{msg}: {detail}" if detail else msg)
 

@@ -28,11 +28,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests asking for ``backend`` run once per registered portep backend."""
+    """Tests asking for ``backend`` run once per registered portep backend, and once on the ring
+    backend over a fabric that reorders and delays messages."""
     if "backend" in metafunc.fixturenames:
         from portep import backends
+        from tests.tasks_common import BACKEND_VARIANTS
 
-        metafunc.parametrize("backend", backends.available())
+        metafunc.parametrize("backend", backends.available() + sorted(BACKEND_VARIANTS))
 
 
 def _portep_segments() -> set[str]:

@@ -21,6 +21,15 @@ BACKEND_ENV = "PORTEP_BACKEND"
 # The backend the session was started with (None: portep's default); tasks without an explicit
 # backend use it.
 _SESSION_BACKEND = os.environ.get(BACKEND_ENV)
+# Test variants of a backend: its name and the environment its Buffers are created with.
+# "ring-faults": the ring backend over Unix sockets whose receivers reorder and delay messages,
+# with small chunks so that every message spans several chunks and credits.
+BACKEND_VARIANTS: dict[str, dict[str, str]] = {
+    "ring-faults": {"PORTEP_BACKEND": "ring", "PORTEP_TRANSPORT": "socket",
+                    "PORTEP_FAULTS": "reorder,delay=4,seed=7", "PORTEP_CHUNK_BYTES": "16384"},
+}
+_VARIANT_VARS = ("PORTEP_TRANSPORT", "PORTEP_FAULTS", "PORTEP_CHUNK_BYTES")
+_SESSION_VARS = {name: os.environ.get(name) for name in _VARIANT_VARS}
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -97,10 +106,13 @@ def set_topology(world_size: int, num_nodes: int, backend: str | None = None) ->
     ranks_per_node = world_size // num_nodes
     os.environ[RANKS_PER_NODE_ENV] = str(ranks_per_node)
     backend = backend or _SESSION_BACKEND
-    if backend:
-        os.environ[BACKEND_ENV] = backend
-    else:
-        os.environ.pop(BACKEND_ENV, None)
+    env = BACKEND_VARIANTS.get(backend or "", {BACKEND_ENV: backend} if backend else {})
+    for name, session_value in [(BACKEND_ENV, None), *_SESSION_VARS.items()]:
+        value = env.get(name, session_value)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     return ranks_per_node
 
 

@@ -1,0 +1,74 @@
+"""Tasks that kill a rank in the middle of an operation (run in a throw-away rank pool).
+
+Survivors record what they saw in ``out_dir/rank<r>.json``: the pool cannot return their results
+once one of its workers is dead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from portep.errors import PortepError
+from tests.tasks_common import generator, make_routing, make_x, new_ht_buffer, new_ll_buffer
+
+HIDDEN, EXPERTS_PER_RANK, TOKENS, TOPK = 128, 2, 16, 3
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def _ht_round(buffer: Any, rank: int, seed: int, victim: int | None, phase: str) -> None:
+    num_experts = EXPERTS_PER_RANK * buffer.group_size
+    gen = generator(seed, rank)
+    topk_idx, weights = make_routing(gen, TOKENS, num_experts, TOPK)
+    x = make_x(gen, TOKENS, HIDDEN)
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    if rank == victim and phase == "dispatch":
+        _die()
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=weights)
+    if rank == victim and phase == "combine":
+        _die()
+    buffer.combine(recv_x, handle)
+
+
+def _ll_round(buffer: Any, rank: int, seed: int, victim: int | None, phase: str) -> None:
+    num_experts = EXPERTS_PER_RANK * buffer.group_size
+    gen = generator(seed, rank)
+    topk_idx, weights = make_routing(gen, TOKENS, num_experts, TOPK)
+    x = make_x(gen, TOKENS, HIDDEN)
+    if rank == victim and phase == "dispatch":
+        _die()
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
+    if rank == victim and phase == "combine":
+        _die()
+    buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+
+
+def kill_mid_operation(rank: int, world_size: int, *, victim: int, mode: str, phase: str, out_dir: str) -> None:
+    """One good round, then ``victim`` dies at ``phase``; survivors must fail naming it."""
+    if mode == "ht":
+        buffer, round_ = new_ht_buffer(world_size, 2, HIDDEN, "ring"), _ht_round
+    else:
+        buffer = new_ll_buffer(world_size, 2, TOKENS, HIDDEN, EXPERTS_PER_RANK * world_size, "ring")
+        round_ = _ll_round
+    round_(buffer, rank, 1, None, phase)
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        round_(buffer, rank, 2, victim, phase)
+        outcome = {"error": "", "type": ""}
+    except PortepError as exc:
+        outcome = {"error": str(exc), "type": type(exc).__name__, "ranks": list(getattr(exc, "ranks", ()))}
+    outcome["elapsed"] = time.monotonic() - start
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))

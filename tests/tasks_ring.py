@@ -1,0 +1,81 @@
+"""Tasks (run inside the rank pool) about the ring backend's machinery: proxy stats, a killed
+proxy, ranks that disagree on shapes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
+from tests import tasks_ht, tasks_ll
+from tests.tasks_common import generator, ht_buffer, ll_buffer, make_routing, make_x, new_ll_buffer
+
+
+def proxy_stats(rank: int, world_size: int, *, num_nodes: int) -> dict[str, int]:
+    """Run an HT and an LL round trip on the ring backend; return this rank's HT and LL stats."""
+    tasks_ht.dispatch_combine(rank, world_size, seed=41, num_nodes=num_nodes, num_tokens=24, hidden=256,
+                              num_experts=4 * world_size, topk=4, backend="ring")
+    tasks_ll.dispatch_combine(rank, world_size, seed=42, num_nodes=num_nodes, num_tokens=12, max_tokens=16,
+                              hidden=256, num_experts=2 * world_size, topk=3, backend="ring")
+    ht = ht_buffer(world_size, num_nodes, 256, "ring").get_stats()
+    ll = ll_buffer(world_size, num_nodes, 16, 256, 2 * world_size, "ring").get_stats()
+    return {**{f"ht_{k}": v for k, v in ht.items()}, **{f"ll_{k}": v for k, v in ll.items()}}
+
+
+def _ll_round(buffer: Any, rank: int, seed: int, max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
+    gen = generator(seed, rank)
+    topk_idx, weights = make_routing(gen, max_tokens, num_experts, 3)
+    x = make_x(gen, max_tokens, hidden)
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8=False)
+    out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    return out
+
+
+def killed_proxy(rank: int, world_size: int, *, victim: int, timeout_s: float) -> dict[str, Any]:
+    """``victim`` kills its own proxy; its next LL round fails on every rank within the deadline
+    (the victim: its proxy is gone; the others: the victim's data never comes). A new Buffer works."""
+    os.environ["PORTEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buffer = new_ll_buffer(world_size, 2, 8, 128, 2 * world_size, "ring")
+    finally:
+        os.environ["PORTEP_TIMEOUT_S"] = "45"
+    _ll_round(buffer, rank, 51, 8, 128, 2 * world_size)  # works before the kill
+    dist.barrier()
+    if rank == victim:
+        proxy = buffer._backend.proxy.proc
+        os.kill(proxy.pid, signal.SIGKILL)
+        proxy.wait(5)
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        _ll_round(buffer, rank, 52, 8, 128, 2 * world_size)
+    except (TransportError, PeerFailureError, CommTimeoutError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        error = ""
+    elapsed = time.monotonic() - start
+    dist.barrier()
+    del buffer
+    fresh = new_ll_buffer(world_size, 2, 8, 128, 2 * world_size, "ring", explicitly_destroy=True)
+    try:
+        out = _ll_round(fresh, rank, 53, 8, 128, 2 * world_size)
+        finite = bool(torch.isfinite(out.float()).all())
+    finally:
+        fresh.destroy()
+    return {"error": error, "elapsed": elapsed, "fresh_ok": finite}
+
+
+def mismatched_hidden(rank: int, world_size: int) -> str:
+    """Rank 0 dispatches with a different hidden size: every rank gets a clear error, no hang."""
+    hidden = 256 if rank == 0 else 128
+    buffer = new_ll_buffer(world_size, 2, 8, hidden, 2 * world_size, "ring")
+    try:
+        _ll_round(buffer, rank, 61, 8, hidden, 2 * world_size)
+    except PortepError as exc:
+        return str(exc)
+    return ""

@@ -1,0 +1,40 @@
+"""A rank killed (SIGKILL) in the middle of HT and LL dispatch and combine: every survivor fails
+within seconds with an error naming it, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import tasks_faults
+from tests.conftest import WORKER_ENV
+from tests.rankpool import RankPool
+
+WORLD = 4
+DETECT_WITHIN_S = 10.0  # heartbeat loss is seen in ~0.3 s; a dead control-plane host after its timeout
+
+
+@pytest.mark.parametrize(("mode", "phase", "victim"), [
+    ("ht", "dispatch", 1), ("ht", "combine", 2), ("ll", "dispatch", 3), ("ll", "combine", 1), ("ll", "dispatch", 0),
+], ids=["ht-dispatch", "ht-combine", "ll-dispatch", "ll-combine", "ll-dispatch-control-host"])
+def test_killed_rank_is_named_by_survivors(tmp_path: Path, mode: str, phase: str, victim: int) -> None:
+    # A throw-away pool: the killed worker takes it down. Rank 0 hosts the control plane; its
+    # death is noticed by heartbeat silence, so the timeout is short here.
+    pool = RankPool(WORLD, env={**WORKER_ENV, "PORTEP_TIMEOUT_S": "30", "PORTEP_HEARTBEAT_TIMEOUT_S": "2"})
+    try:
+        with pytest.raises(AssertionError, match="worker died"):
+            pool.run(tasks_faults.kill_mid_operation, timeout=60, victim=victim, mode=mode, phase=phase,
+                     out_dir=str(tmp_path))
+    finally:
+        pool.close()
+    for rank in range(WORLD):
+        if rank == victim:
+            continue
+        path = tmp_path / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} did not finish (no outcome written)"
+        outcome = json.loads(path.read_text())
+        assert outcome["error"], f"rank {rank}: the {mode} {phase} succeeded although rank {victim} was dead"
+        assert victim in outcome["ranks"], f"rank {rank}: the error does not name rank {victim}: {outcome}"
+        assert outcome["elapsed"] < DETECT_WITHIN_S, f"rank {rank}: took {outcome['elapsed']:.1f} s: {outcome}"
