@@ -73,26 +73,39 @@ class CommBackend(ABC):
         recv_counts: list[int] | None,
         scope: Scope,
         op: str,
+        exclude: frozenset[int] = frozenset(),
     ) -> PendingExchange:
         """Send ``rows`` (uint8 `[sum(send_counts), row_bytes]`, grouped by destination in scope
         order) and start receiving. ``recv_counts`` may be None, then the backend learns them
-        from the senders first. ``op`` names the public operation for error messages."""
+        from the senders first. ``op`` names the public operation for error messages.
+
+        ``exclude``: world ranks left out (masked, possibly dead), to which nothing is sent
+        (their ``send_counts`` must be 0) and from which 0 rows are received. Backends that
+        cannot leave a rank out of a collective send it empty messages instead."""
 
     def exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str
+        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
+        exclude: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, list[int]]:
         """Blocking :meth:`start_exchange`: returns the received rows and their counts."""
-        pending = self.start_exchange(rows, send_counts, recv_counts, scope, op)
+        pending = self.start_exchange(rows, send_counts, recv_counts, scope, op, exclude)
         return pending.wait(), pending.recv_counts
 
-    def exchange_counts(self, counts: torch.Tensor, op: str) -> torch.Tensor:
+    def exchange_counts(self, counts: torch.Tensor, op: str, exclude: frozenset[int] = frozenset()) -> torch.Tensor:
         """Send row ``r`` of int64 `[num_ranks, k]` ``counts`` to rank ``r`` (world scope); return the
-        `[num_ranks, k]` rows received, row ``r`` from rank ``r``."""
+        `[num_ranks, k]` rows received, row ``r`` from rank ``r`` (zeros from ``exclude``)."""
         num_ranks = counts.size(0)
-        rows = counts.to(torch.int64).contiguous().view(torch.uint8).view(num_ranks, -1)
-        ones = [1] * num_ranks
-        got, _ = self.exchange(rows, ones, ones, "world", op)
-        return got.contiguous().view(torch.int64).view(num_ranks, -1)
+        keep = [r for r in range(num_ranks) if r not in exclude or r == self.topology.rank]
+        rows = counts.to(torch.int64).contiguous()[keep].view(torch.uint8).view(len(keep), -1)
+        ones = [int(r in keep) for r in range(num_ranks)]
+        got, _ = self.exchange(rows, ones, ones, "world", op, exclude)
+        out = torch.zeros_like(counts, dtype=torch.int64)
+        out[keep] = got.contiguous().view(torch.int64).view(len(keep), -1)
+        return out
+
+    def dead_ranks(self) -> dict[int, str]:
+        """Ranks known to be dead, and how that was detected (none when the backend cannot tell)."""
+        return {}
 
     @abstractmethod
     def barrier(self, op: str) -> None:

@@ -81,8 +81,10 @@ class CollectiveBackend(CommBackend):
         return self.topology.local_rank if scope == "node" else self.topology.node
 
     def start_exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str
+        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
+        exclude: frozenset[int] = frozenset(),
     ) -> PendingExchange:
+        # A collective cannot leave a rank out: excluded ranks take part, with empty messages.
         me = self.scope_index(scope)
         self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
         group = self._groups[scope]

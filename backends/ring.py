@@ -68,13 +68,18 @@ def transport_name() -> str:
 
 
 class _RingPending(PendingExchange):
-    def __init__(self, backend: RingBackend, exchange: StreamExchange) -> None:
+    def __init__(self, backend: RingBackend, exchange: StreamExchange, keep: list[int], scope_size: int) -> None:
         self.backend, self.exchange = backend, exchange
+        self.keep, self.scope_size = keep, scope_size
         self.rows: torch.Tensor | None = None
 
     @property
     def recv_counts(self) -> list[int | None]:  # type: ignore[override]
-        return self.exchange.recv_counts
+        """Rows from each rank of the scope (0 from excluded ranks; None until known)."""
+        counts: list[int | None] = [0] * self.scope_size
+        for i, count in zip(self.keep, self.exchange.recv_counts, strict=True):
+            counts[i] = count
+        return counts
 
     def wait(self) -> torch.Tensor:
         if self.rows is None:
@@ -113,7 +118,7 @@ class RingBackend(CommBackend):
         windows = [self.window]
         self._finalizer = weakref.finalize(self, _release, None, windows, self.ring)
         if remote:
-            self.proxy = ProxyProcess(rank, self.window, [self.ring], transport_name(), timeout_s)
+            self.proxy = ProxyProcess(rank, world, self.window, [self.ring], transport_name(), timeout_s)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
 
@@ -160,14 +165,22 @@ class RingBackend(CommBackend):
 
     # ------------------------------------------------------------------ moving rows
     def start_exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str
+        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
+        exclude: frozenset[int] = frozenset(),
     ) -> PendingExchange:
-        peers = self.scope_ranks(scope)
-        me = peers.index(self.topology.rank)
+        scope_ranks = self.scope_ranks(scope)
+        me = scope_ranks.index(self.topology.rank)
         self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
+        keep = [i for i, r in enumerate(scope_ranks) if r not in exclude or i == me]
+        if len(keep) < len(scope_ranks):
+            if any(send_counts[i] for i in range(len(scope_ranks)) if i not in keep):
+                raise ValueError(f"{op}: rows addressed to excluded rank(s) {sorted(exclude)}")
+            send_counts = [send_counts[i] for i in keep]
+            recv_counts = None if recv_counts is None else [recv_counts[i] for i in keep]
+        peers = [scope_ranks[i] for i in keep]
         data = rows.contiguous().numpy()
-        return _RingPending(self, self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts,
-                                                                            op)))
+        exchange = self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts, op))
+        return _RingPending(self, exchange, keep, len(scope_ranks))
 
     def barrier(self, op: str) -> None:
         peers = self.scope_ranks("world")
@@ -200,6 +213,9 @@ class RingBackend(CommBackend):
         if poll:
             self._last_failure_poll = now
         self.session.check(self.prefix, op, poll_failures=poll)
+
+    def dead_ranks(self) -> dict[int, str]:
+        return self.session.client.dead_ranks()
 
     def _diagnose(self) -> str:
         if self.proxy is None:

@@ -80,6 +80,9 @@ class Transport(ABC):
     def poll(self, max_messages: int | None = None) -> int:
         """Make progress; apply what arrived. Returns the number of messages handled."""
 
+    def flush(self, timeout_s: float | None = None) -> None:  # noqa: B027 (optional hook)
+        """Wait until every posted put has completed at the source (its bytes may be reused)."""
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release the endpoint."""
 

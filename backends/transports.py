@@ -123,7 +123,7 @@ def _ucx(rank: int, world_size: int | None = None, window: Any = None, **opts: A
     return UcxTransport(rank, **opts)
 
 
-def _verbs(rank: int, world_size: int | None = None, **opts: Any) -> Transport:
+def _verbs(rank: int, world_size: int | None = None, window: Any = None, **opts: Any) -> Transport:
     from .verbs import VerbsTransport
 
     if world_size is None:
@@ -131,7 +131,7 @@ def _verbs(rank: int, world_size: int | None = None, **opts: Any) -> Transport:
     return VerbsTransport(rank, world_size, **opts)
 
 
-def _efa(rank: int, world_size: int | None = None, **opts: Any) -> Transport:
+def _efa(rank: int, world_size: int | None = None, window: Any = None, **opts: Any) -> Transport:
     from .verbs import EfaTransport
 
     return EfaTransport(rank, **opts)
@@ -149,7 +149,7 @@ register_transport("ucx", _ucx, _has_ucx, priority=20)
 register_transport("loopback", _loopback)
 
 
-def _shm(rank: int, window: Any = None, **opts: Any) -> Transport:
+def _shm(rank: int, world_size: int | None = None, window: Any = None, **opts: Any) -> Transport:
     from .shm import ShmTransport
 
     if window is None:
@@ -157,7 +157,8 @@ def _shm(rank: int, window: Any = None, **opts: Any) -> Transport:
     return ShmTransport(rank, window)
 
 
-def _socket(rank: int, timeout_s: float = 100.0, **opts: Any) -> Transport:
+def _socket(rank: int, world_size: int | None = None, window: Any = None, timeout_s: float = 100.0,
+            **opts: Any) -> Transport:
     from .socket import UnixSocketTransport
 
     return UnixSocketTransport(rank, timeout_s=timeout_s)

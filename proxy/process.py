@@ -21,13 +21,13 @@ STOP_GRACE_S = 5.0
 class ProxyProcess:
     """The proxy of one rank: a child process that serves ``rings`` with ``transport``."""
 
-    def __init__(self, rank: int, window: Window, rings: list[DescriptorRing], transport: str,
+    def __init__(self, rank: int, world_size: int, window: Window, rings: list[DescriptorRing], transport: str,
                  timeout_s: float) -> None:
         self.rank, self.window, self.timeout_s = rank, window, timeout_s
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "portep.proxy.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True)
-        self._send({"rank": rank, "window": window.name, "num_signals": window.num_signals,
+        self._send({"rank": rank, "world_size": world_size, "window": window.name, "num_signals": window.num_signals,
                     "data_bytes": window.data_bytes, "rings": [r.name for r in rings], "transport": transport,
                     "timeout_s": timeout_s, "parent_pid": os.getpid()})
         hello = self._receive("proxy start-up")

@@ -87,8 +87,8 @@ def main() -> int:
     rings = [DescriptorRing.attach(name) for name in config["rings"]]
     transport = None
     try:
-        transport = create_transport(config["transport"], config["rank"], window=window,
-                                     timeout_s=config["timeout_s"])
+        transport = create_transport(config["transport"], config["rank"], world_size=config["world_size"],
+                                     window=window, timeout_s=config["timeout_s"])
         transport.register(window.data, window.num_signals, window.signals)
         faults = Faults.from_env()
         if faults is not None:

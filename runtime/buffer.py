@@ -392,7 +392,12 @@ class Buffer:
         return layout
 
     def _masked(self) -> torch.Tensor:
-        """Ranks LL calls skip. A rank that masks itself is cut off: it skips every rank."""
+        """Ranks LL calls skip. A rank that masks itself is cut off: it skips every rank. With
+        ``enable_shrink``, ranks the control plane knows to be dead are masked first (as DeepEP
+        masks a rank that timed out)."""
+        if self.enable_shrink:
+            for rank in self._backend.dead_ranks():
+                self._mask[rank] = 1
         masked = self._mask > 0
         return torch.ones_like(masked) if masked[self.rank] else masked
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from portep.backends import CommBackend, PendingExchange
-from portep.native import cpu
+from portep.native import kernels_for
 from portep.native.cpu import Field, RowFormat
 
 
@@ -67,13 +67,14 @@ class LLDispatch:
         num_ranks = comm.topology.num_ranks
         local_experts, hidden = num_experts // num_ranks, x.size(1)
         self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
-        token, _, counts = cpu.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
+        self.kernels = kernels = kernels_for(x.device)
+        token, _, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
         self.send_counts = counts.sum(1)
 
         tensors = {"src_token": token.to(torch.int32).unsqueeze(1)}
         fields = [Field("src_token", torch.int32, 1)]
         if use_fp8:
-            x_fp8, scales = cpu.fp8_cast(x, round_scale)
+            x_fp8, scales = kernels.fp8_cast(x, round_scale)
             tensors.update(x=x_fp8[token], scales=scales[token])
             fields += [Field("x", torch.float8_e4m3fn, hidden), Field("scales", torch.float32, hidden // 128)]
         else:
@@ -83,10 +84,12 @@ class LLDispatch:
 
         # Counts first (one small message per peer), then the rows, left in flight.
         # Rows from masked sources still arrive (the sender may not know it is masked) and are dropped.
-        self.arriving = comm.exchange_counts(counts, op)
+        exclude = frozenset(self.masked.nonzero().flatten().tolist())
+        self.arriving = comm.exchange_counts(counts, op, exclude)
         self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
         self.pending: PendingExchange = comm.start_exchange(
-            self.format.pack(tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world", op)
+            kernels.pack_rows(self.format, tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world",
+            op, exclude)
 
         slots = num_ranks * num_max_tokens
         scales_out = None
@@ -112,14 +115,15 @@ class LLDispatch:
         waited = time.perf_counter_ns() - started
         if self.masked.any():
             rows = rows[~self.masked.repeat_interleave(self.arriving.sum(1))]
-        received = self.format.unpack(rows)
-        expert, slot, begin = cpu.ll_recv_slots(self.recv_counts)
+        kernels = self.kernels
+        received = kernels.unpack_rows(self.format, rows)
+        expert, slot, begin = kernels.ll_recv_slots(self.recv_counts)
         out = self.out
-        out.x[expert, slot] = received["x"]
+        kernels.scatter_rows(out.x, expert, slot, received["x"])
         if out.scales is not None:
             scales = received["scales"]
-            out.scales[expert, slot] = cpu.pack_ue8m0(scales) if self.use_ue8m0 else scales
-        out.src_info[expert, slot] = received["src_token"].view(-1)
+            kernels.scatter_rows(out.scales, expert, slot, kernels.pack_ue8m0(scales) if self.use_ue8m0 else scales)
+        kernels.scatter_rows(out.src_info, expert, slot, received["src_token"].view(-1))
         count = self.recv_counts.t()
         out.layout_range.copy_((begin << 32) | count)
         out.count.copy_(count.sum(1))
@@ -140,23 +144,24 @@ class LLCombine:
         num_ranks = comm.topology.num_ranks
         _, layout_range, _, hidden, num_experts = handle
         self.hidden, self.num_tokens, self.use_logfmt = hidden, topk_idx.size(0), use_logfmt
+        self.kernels = kernels = kernels_for(expert_out.device)
         expected = handle.send_counts.clone()
         expected[masked] = 0
-        self.token, self.k, counts = cpu.ll_send_order(topk_idx, num_experts, num_ranks, masked)
+        self.token, self.k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
         if not torch.equal(counts.sum(1), expected):
             raise ValueError(f"{op}: topk_idx does not match the one given to low_latency_dispatch for this handle")
         self.weights = topk_weights[self.token, self.k].unsqueeze(1)
 
-        expert, slot, per_source = cpu.ll_combine_gather(layout_range)
+        expert, slot, per_source = kernels.ll_combine_gather(layout_range)
         keep = ~masked.repeat_interleave(per_source)
         per_source = per_source.masked_fill(masked, 0)
         rows = expert_out[expert[keep], slot[keep]]
-        rows = cpu.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
+        rows = kernels.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
         expected = counts.sum(1)
         wrong: list[int] = []
         # With masks, ranks may disagree on who is cut off: learn the counts instead of assuming them.
         self.pending = comm.start_exchange(rows, per_source.tolist(), None if masked.any() else expected.tolist(),
-                                           "world", op)
+                                           "world", op, frozenset(masked.nonzero().flatten().tolist()))
         if masked.any() and self.pending.recv_counts != expected.tolist():
             self.pending.wait()  # some backends learn the counts only with the rows
             wrong = [r for r, (a, b) in enumerate(zip(self.pending.recv_counts, expected.tolist(), strict=True))
@@ -174,11 +179,10 @@ class LLCombine:
         rows = self.pending.wait()
         waited = time.perf_counter_ns() - started
         if self.use_logfmt:
-            values = cpu.logfmt_decode(rows, self.hidden)
+            values = self.kernels.logfmt_decode(rows, self.hidden)
         else:
-            values = rows.view(torch.bfloat16).float()
-        total = torch.zeros(self.num_tokens, self.hidden, dtype=torch.float32)
-        total.index_add_(0, self.token, values * self.weights)
+            values = rows.view(torch.bfloat16)
+        total = self.kernels.reduce_rows(values, self.token, self.num_tokens, self.weights)
         result = out if out is not None else torch.empty(self.num_tokens, self.hidden, dtype=torch.bfloat16)
         result.copy_(total)
         if wait_cost_stats is not None:

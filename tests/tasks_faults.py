@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from portep.errors import PortepError
@@ -72,3 +73,39 @@ def kill_mid_operation(rank: int, world_size: int, *, victim: int, mode: str, ph
         outcome = {"error": str(exc), "type": type(exc).__name__, "ranks": list(getattr(exc, "ranks", ()))}
     outcome["elapsed"] = time.monotonic() - start
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def shrink_after_death(rank: int, world_size: int, *, victim: int, out_dir: str) -> None:
+    """``enable_shrink``: after ``victim`` dies, survivors' LL rounds mask it (as reported by the
+    control plane) and combine correctly without it. Checks are local (no collective can include
+    a dead rank): the combined result must be ``x * Σ w_k scale(e_k)`` over experts on live ranks."""
+    from portep.reference import calc_diff
+    from tests.tasks_ll import expert_scale
+
+    num_experts = EXPERTS_PER_RANK * world_size
+    buffer = new_ll_buffer(world_size, 2, TOKENS, HIDDEN, num_experts, "ring", enable_shrink=True)
+    dist.barrier()
+    if rank == victim:
+        _die()
+    deadline = time.monotonic() + 10
+    while victim not in buffer._backend.dead_ranks() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    scales = torch.tensor([expert_scale(e) for e in range(num_experts)])
+    diffs = []
+    for seed in (3, 4):
+        gen = generator(seed, rank)
+        topk_idx, weights = make_routing(gen, TOKENS, num_experts, TOPK)
+        x = make_x(gen, TOKENS, HIDDEN)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts,
+                                                                       use_fp8=False)
+        y = torch.zeros_like(recv_x)
+        for e in range(EXPERTS_PER_RANK):
+            count = int(recv_count[e])
+            y[e, :count] = (recv_x[e, :count].float() * expert_scale(rank * EXPERTS_PER_RANK + e)).to(y.dtype)
+        combined, _, _ = buffer.low_latency_combine(y, topk_idx, weights, handle)
+        live = (topk_idx >= 0) & (topk_idx // EXPERTS_PER_RANK != victim)
+        factor = torch.where(live, weights * scales[topk_idx.clamp(min=0)], 0.0).sum(1, keepdim=True)
+        diffs.append(calc_diff(combined, x.float() * factor))
+    status = torch.zeros(world_size, dtype=torch.int32)
+    buffer.low_latency_query_mask_buffer(status)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"diffs": diffs, "mask": status.tolist()}))

@@ -24,7 +24,7 @@ def test_killed_rank_is_named_by_survivors(tmp_path: Path, mode: str, phase: str
     # death is noticed by heartbeat silence, so the timeout is short here.
     pool = RankPool(WORLD, env={**WORKER_ENV, "PORTEP_TIMEOUT_S": "30", "PORTEP_HEARTBEAT_TIMEOUT_S": "2"})
     try:
-        with pytest.raises(AssertionError, match="worker died"):
+        with pytest.raises(AssertionError, match="worker died") as failure:
             pool.run(tasks_faults.kill_mid_operation, timeout=60, victim=victim, mode=mode, phase=phase,
                      out_dir=str(tmp_path))
     finally:
@@ -33,8 +33,26 @@ def test_killed_rank_is_named_by_survivors(tmp_path: Path, mode: str, phase: str
         if rank == victim:
             continue
         path = tmp_path / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} did not finish (no outcome written)"
+        assert path.exists(), f"rank {rank} did not finish: {failure.value}"
         outcome = json.loads(path.read_text())
         assert outcome["error"], f"rank {rank}: the {mode} {phase} succeeded although rank {victim} was dead"
         assert victim in outcome["ranks"], f"rank {rank}: the error does not name rank {victim}: {outcome}"
         assert outcome["elapsed"] < DETECT_WITHIN_S, f"rank {rank}: took {outcome['elapsed']:.1f} s: {outcome}"
+
+
+def test_shrink_masks_a_dead_rank_and_survivors_combine_correctly(tmp_path: Path) -> None:
+    victim = 2
+    pool = RankPool(WORLD, env={**WORKER_ENV, "PORTEP_TIMEOUT_S": "30"})
+    try:
+        with pytest.raises(AssertionError, match="worker died") as failure:
+            pool.run(tasks_faults.shrink_after_death, timeout=60, victim=victim, out_dir=str(tmp_path))
+    finally:
+        pool.close()
+    for rank in range(WORLD):
+        if rank == victim:
+            continue
+        path = tmp_path / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} did not finish: {failure.value}"
+        outcome = json.loads(path.read_text())
+        assert outcome["mask"] == [int(r == victim) for r in range(WORLD)], (rank, outcome)
+        assert all(d < 1e-5 for d in outcome["diffs"]), (rank, outcome)

@@ -56,7 +56,7 @@ CHILD = textwrap.dedent("""
     from portep.proxy.window import Window
     window = Window.create(4, 1 << 16)
     ring = DescriptorRing.create(64)
-    proxy = ProxyProcess(0, window, [ring], "shm", timeout_s=20)
+    proxy = ProxyProcess(0, 1, window, [ring], "shm", timeout_s=20)
     proxy.connect({})
     print(json.dumps({"proxy": proxy.proc.pid, "segments": [window.name, ring.name]}), flush=True)
     time.sleep(60)
