@@ -142,7 +142,8 @@ class RingBackend(CommBackend):
         if self.proxy is not None:
             self.proxy.connect({p: bytes.fromhex(infos[p]["proxy"]) for p in remote})
         self.engine = StreamEngine(rank, self.window, layout, channels, self.ring, queue, timeout_s,
-                                   check_alive=self._check_alive, diagnose=self._diagnose)
+                                   check_alive=self._check_alive, diagnose=self._diagnose,
+                                   wake=self.proxy.wake if self.proxy is not None else None)
         if self.proxy is not None:
             this, prefix = weakref.ref(self), self.prefix  # the stats source must not keep the backend alive
             client.watch_stats(self.session.new_proxy_id(),

@@ -1,0 +1,1 @@
+"""Benchmarks and the performance-model tooling behind ``portep bench`` and ``portep model``."""

@@ -1,8 +1,10 @@
 """CPU implementation of portep's device kernels, vectorised with torch.
 
 Each function is the CPU body of one kernel: the routing layout, FP8/LogFMT casts, packing rows
-into a byte-row send buffer and unpacking them, and the index computations of the HT and LL
-send/receive sides. No per-token Python loops: everything is a handful of tensor ops.
+into a byte-row send buffer and unpacking them, the index computations of the HT and LL
+send/receive sides, and the combine reductions. No per-token Python loops: everything is a handful
+of tensor ops, which also run unchanged on any other torch device. :data:`CPU_KERNELS` gathers them
+behind the :class:`~portep.native.interface.Kernels` interface.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def dispatch_layout(
     valid = topk_idx >= 0
     experts = topk_idx[valid]
     num_tokens_per_expert = torch.bincount(experts, minlength=num_experts).to(torch.int32)
-    is_token_in_rank = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool)
+    is_token_in_rank = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
     dest = torch.where(valid, topk_idx // experts_per_rank, num_ranks)  # column R collects the -1s
     is_token_in_rank.scatter_(1, dest, True)
     is_token_in_rank = is_token_in_rank[:, :num_ranks].contiguous()
@@ -109,7 +111,7 @@ def logfmt_encode(x: torch.Tensor) -> torch.Tensor:
     magnitude = groups.abs()
     nonzero = magnitude > 0
     logs = torch.log2(torch.where(nonzero, magnitude, torch.ones_like(magnitude)))
-    inf = torch.tensor(float("inf"))
+    inf = torch.tensor(float("inf"), device=x.device)
     lo = torch.where(nonzero, logs, inf).amin(dim=2)
     hi = torch.where(nonzero, logs, -inf).amax(dim=2)
     empty = ~nonzero.any(dim=2)
@@ -121,7 +123,7 @@ def logfmt_encode(x: torch.Tensor) -> torch.Tensor:
     code = code | ((groups < 0).to(torch.int64) << 9)
     quads = code.view(n, hidden // 4, 4)
     packed = quads[..., 0] | (quads[..., 1] << 10) | (quads[..., 2] << 20) | (quads[..., 3] << 30)
-    shifts = torch.arange(0, 40, 8, dtype=torch.int64)
+    shifts = torch.arange(0, 40, 8, dtype=torch.int64, device=x.device)
     body = ((packed.unsqueeze(2) >> shifts) & 0xFF).to(torch.uint8).view(n, -1)
     ranges = torch.stack([lo, hi], dim=2).contiguous().view(torch.uint8).view(n, -1)
     return torch.cat([body, ranges], dim=1)
@@ -132,7 +134,7 @@ def logfmt_decode(data: torch.Tensor, hidden: int) -> torch.Tensor:
     n = data.size(0)
     body_bytes = hidden * 10 // 8
     body = data[:, :body_bytes].to(torch.int64).view(n, hidden // 4, 5)
-    shifts = torch.arange(0, 40, 8, dtype=torch.int64)
+    shifts = torch.arange(0, 40, 8, dtype=torch.int64, device=data.device)
     packed = (body << shifts).sum(dim=2)
     groups = hidden // LOGFMT_GROUP
     code = torch.stack([(packed >> s) & 0x3FF for s in (0, 10, 20, 30)], dim=2).view(n, groups, LOGFMT_GROUP)
@@ -181,7 +183,7 @@ class RowFormat:
                 value = value[index]
             parts.append(value.reshape(value.size(0), field.width).contiguous().view(torch.uint8))
         if not parts:
-            return torch.empty(0, 0, dtype=torch.uint8)
+            return torch.empty(0, 0, dtype=torch.uint8, device=index.device if index is not None else None)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -211,8 +213,8 @@ def ll_send_order(
     if rank_masked is not None:
         valid &= ~rank_masked[(topk_idx // local_experts).clamp(min=0)]
     flat = topk_idx.reshape(-1)
-    key = torch.where(valid.reshape(-1), flat * num_tokens + torch.arange(num_tokens).repeat_interleave(num_topk),
-                      torch.full_like(flat, -1))
+    tokens = torch.arange(num_tokens, device=topk_idx.device).repeat_interleave(num_topk)
+    key = torch.where(valid.reshape(-1), flat * num_tokens + tokens, torch.full_like(flat, -1))
     order = torch.argsort(key, stable=True)
     order = order[key[order] >= 0]
     token, k = order // num_topk, order % num_topk
@@ -225,8 +227,8 @@ def _slots(counts: torch.Tensor, begin: torch.Tensor) -> tuple[torch.Tensor, tor
     (source-major), given the first slot `begin [local_experts, num_ranks]` of each block."""
     local_experts = counts.size(1)
     flat = counts.reshape(-1)
-    block = torch.arange(flat.numel()).repeat_interleave(flat)
-    position = torch.arange(block.numel()) - (torch.cumsum(flat, 0) - flat)[block]
+    block = torch.arange(flat.numel(), device=counts.device).repeat_interleave(flat)
+    position = torch.arange(block.numel(), device=counts.device) - (torch.cumsum(flat, 0) - flat)[block]
     source, expert = block // local_experts, block % local_experts
     return expert, begin[expert, source] + position
 
@@ -258,3 +260,57 @@ def ll_combine_gather(layout_range: torch.Tensor) -> tuple[torch.Tensor, torch.T
     count = layout_range & 0xFFFFFFFF
     expert, slot = _slots(count.t(), layout_range >> 32)
     return expert, slot, count.sum(0)
+
+
+# ----------------------------------------------------------------------------- row movement and reduction
+def pack_rows(fmt: RowFormat, tensors: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``index`` (all when None) of each field of ``fmt`` as uint8 `[rows, fmt.row_bytes]`."""
+    return fmt.pack(tensors, index)
+
+
+def unpack_rows(fmt: RowFormat, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Byte rows back into `{field: [rows, width]}`."""
+    return fmt.unpack(rows)
+
+
+def scatter_rows(out: torch.Tensor, expert: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[expert, slot] = rows`` (received rows into an expert-major output)."""
+    out[expert, slot] = rows
+
+
+def reduce_rows(values: torch.Tensor, index: torch.Tensor, num_out: int,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `[num_out, width]` with ``out[index[i]] += values[i] (* weights[i])``, in increasing i."""
+    values = values.float()
+    if weights is not None:
+        values = values * weights
+    out = torch.zeros(num_out, values.size(1), dtype=torch.float32, device=values.device)
+    return out.index_add_(0, index, values)
+
+
+class CpuKernels:
+    """The torch implementation of :class:`~portep.native.interface.Kernels`.
+
+    Written for the CPU; its ops also run on other torch devices, which is how a native
+    implementation covers the kernels it does not replace.
+    """
+
+    name = "cpu"
+    dispatch_layout = staticmethod(dispatch_layout)
+    rows_by_column = staticmethod(rows_by_column)
+    fp8_cast = staticmethod(fp8_cast)
+    fp8_cast_back = staticmethod(fp8_cast_back)
+    pack_ue8m0 = staticmethod(pack_ue8m0)
+    unpack_ue8m0 = staticmethod(unpack_ue8m0)
+    logfmt_encode = staticmethod(logfmt_encode)
+    logfmt_decode = staticmethod(logfmt_decode)
+    pack_rows = staticmethod(pack_rows)
+    unpack_rows = staticmethod(unpack_rows)
+    scatter_rows = staticmethod(scatter_rows)
+    reduce_rows = staticmethod(reduce_rows)
+    ll_send_order = staticmethod(ll_send_order)
+    ll_recv_slots = staticmethod(ll_recv_slots)
+    ll_combine_gather = staticmethod(ll_combine_gather)
+
+
+CPU_KERNELS = CpuKernels()

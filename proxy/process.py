@@ -58,6 +58,14 @@ class ProxyProcess:
         self._send({"peers": {str(p): a.hex() for p, a in addresses.items()}})
         self._receive("proxy connect")
 
+    def wake(self) -> None:
+        """Wake the proxy if it sleeps (it does after a while without work)."""
+        if self.window.control[Control.SLEEPING]:
+            try:
+                os.write(self.proc.stdin.fileno(), b"w")
+            except (BlockingIOError, BrokenPipeError, ValueError, OSError):
+                pass  # a full pipe wakes it anyway; a dead proxy is reported by check()
+
     # ------------------------------------------------------------------ health
     def describe_exit(self) -> str:
         code = self.proc.poll()
@@ -79,13 +87,14 @@ class ProxyProcess:
         """The proxy's live counters (read from the window's control block)."""
         c = self.window.control
         return {name.lower(): int(c[word]) for name, word in Control.__members__.items()
-                if word not in (Control.STOP, Control.STATE, Control.PID)}
+                if word not in (Control.STOP, Control.STATE, Control.PID, Control.SLEEPING)}
 
     # ------------------------------------------------------------------ stopping
     def stop(self) -> None:
         """Ask the proxy to exit; kill it if it does not within a few seconds."""
         if self.proc.poll() is None:
             self.window.control[Control.STOP] = 1
+            self.wake()
             try:
                 self.proc.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:

@@ -52,6 +52,17 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
         resource_tracker.register = register
 
 
+def unlink_untracked(segment: shared_memory.SharedMemory) -> None:
+    """Remove a segment this process attached without tracking (e.g. a dead rank's), without
+    involving a resource tracker."""
+    import _posixshmem
+
+    try:
+        _posixshmem.shm_unlink("/" + segment.name.lstrip("/"))
+    except FileNotFoundError:
+        pass
+
+
 class DescriptorRing:
     """One SPSC ring. Create it with :meth:`create` (owner) or :meth:`attach` (other side)."""
 

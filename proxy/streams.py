@@ -186,12 +186,13 @@ class StreamEngine:
     def __init__(self, rank: int, window: Window, layout: StreamLayout, channels: dict[int, Channel],
                  ring: DescriptorRing | None, descriptor_queue: list[np.ndarray], timeout_s: float,
                  check_alive: Callable[[str], None] | None = None,
-                 diagnose: Callable[[], str] | None = None) -> None:
+                 diagnose: Callable[[], str] | None = None, wake: Callable[[], None] | None = None) -> None:
         self.rank, self.window, self.layout = rank, window, layout
         self.channels, self.ring, self.timeout_s = channels, ring, timeout_s
         self.queue = descriptor_queue
         self.check_alive = check_alive or (lambda op: None)
         self.diagnose = diagnose or (lambda: "")
+        self.wake = wake or (lambda: None)
         world = layout.world
         self.sent = [0] * world  # chunks written to each peer
         self.consumed = [0] * world  # chunks copied out from each peer
@@ -264,6 +265,7 @@ class StreamEngine:
             records = np.concatenate(self.queue)
             self.queue.clear()
             self.ring.push(records, self.timeout_s, op="descriptor ring push")
+            self.wake()
 
     def _send_chunk(self, peer: int, item: _Outgoing) -> bool:
         chunk_bytes = self.layout.chunk_bytes
@@ -330,6 +332,7 @@ class StreamEngine:
             if self.progress():
                 idle = 0
                 continue
+            self.wake()  # the proxy may have gone to sleep while this rank waits for its peers
             now = time.monotonic()
             if now - last_check > LIVENESS_PERIOD_S:
                 last_check = now

@@ -47,6 +47,8 @@ class Control(IntEnum):
     IDLE_POLLS = 10
     MESSAGES_IN = 11
     STALLS = 12  # times the proxy found a peer's in-flight window full
+    SLEEPING = 13  # proxy → rank: 1 while the proxy blocks waiting for a wake-up byte
+    WAKEUPS = 14
 
 
 class ProxyState(IntEnum):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 import traceback
@@ -26,10 +27,15 @@ from portep.backends.faults import FAULTS_ENV, Faults
 from portep.backends.transport import MessageTransport
 
 from .loop import Proxy
-from .ring import DescriptorRing, backoff
+from .ring import DescriptorRing, backoff, unlink_untracked
 from .window import Control, ProxyState, Window
 
 STATS_PERIOD_S = 0.02
+# After this long without work the proxy stops polling and blocks until its rank wakes it (or
+# SLEEP_S passes, to watch for stop requests and a dead rank): idle proxies of many Buffers must
+# not starve the ranks they share cores with.
+DEEP_IDLE_S = 0.2
+SLEEP_S = 0.05
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -59,24 +65,45 @@ def publish(proxy: Proxy, window: Window, steps: int) -> None:
     c[Control.STALLS] = getattr(proxy.transport, "stalls", 0)
 
 
-def serve(proxy: Proxy, window: Window, parent_pid: int) -> None:
-    """The loop: step, back off when idle, publish stats and watch for stop / a dead rank."""
+def sleep_until_woken(proxy: Proxy, window: Window, wake_fd: int) -> bool:
+    """Block until the rank writes to ``wake_fd`` or :data:`SLEEP_S` passes; False if the rank is gone."""
+    window.control[Control.SLEEPING] = 1
+    try:
+        if any(ring.pending() for ring in proxy.rings):  # pushed before it saw SLEEPING: no lost wake-up
+            return True
+        readable, _, _ = select.select([wake_fd], [], [], SLEEP_S)
+        if readable:
+            window.control[Control.WAKEUPS] += 1
+            return bool(os.read(wake_fd, 4096))  # EOF: the rank closed the pipe (it exited)
+        return True
+    finally:
+        window.control[Control.SLEEPING] = 0
+
+
+def serve(proxy: Proxy, window: Window, parent_pid: int, wake_fd: int) -> bool:
+    """The loop: step, back off when idle (then sleep until woken), publish stats, watch for stop
+    and for a dead rank. Returns False when the rank died."""
     steps = idle = 0
-    last = time.monotonic()
+    last = last_work = time.monotonic()
     while True:
         steps += 1
         if proxy.step():
             idle = 0
+            last_work = time.monotonic()
         else:
             proxy.stats.idle_polls += 1
-            backoff(idle)
+            if time.monotonic() - last_work > DEEP_IDLE_S:
+                if not sleep_until_woken(proxy, window, wake_fd):
+                    return os.getppid() == parent_pid
+            else:
+                backoff(idle)
             idle += 1
         now = time.monotonic()
         if now - last >= STATS_PERIOD_S:
             last = now
             publish(proxy, window, steps)
             if window.control[Control.STOP] or os.getppid() != parent_pid:
-                return
+                return os.getppid() == parent_pid
 
 
 def main() -> int:
@@ -102,8 +129,11 @@ def main() -> int:
         window.control[Control.PID] = os.getpid()
         window.control[Control.STATE] = ProxyState.READY
         _send({"ready": True})
-        serve(Proxy(rings, transport), window, config["parent_pid"])
+        rank_alive = serve(Proxy(rings, transport), window, config["parent_pid"], sys.stdin.fileno())
         window.control[Control.STATE] = ProxyState.STOPPED
+        if not rank_alive:  # its rank was killed: remove the rank's segments, nobody else will
+            for segment in [window.segment, *(ring.segment for ring in rings)]:
+                unlink_untracked(segment)
         return 0
     except BaseException as exc:  # noqa: BLE001 - reported to the rank, then the process exits
         if isinstance(exc, SystemExit):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from portep.backends import CommBackend
-from portep.native import cpu
+from portep.native import kernels_for
 from portep.native.cpu import Field, RowFormat
 
 
@@ -89,10 +89,10 @@ def dispatch(
     Returns the received tensors (ordered by source rank, then source token) and the index maps
     a handle keeps.
     """
-    topo = comm.topology
+    topo, kernels = comm.topology, kernels_for(payload.x.device)
     num_tokens, per_node = is_token_in_rank.size(0), topo.ranks_per_node
     by_node = is_token_in_rank.view(num_tokens, topo.num_nodes, per_node)
-    net_index, net_send = cpu.rows_by_column(by_node.any(2))
+    net_index, net_send = kernels.rows_by_column(by_node.any(2))
     net_send = net_send.tolist()
     dest_node = _node_of_rows(net_send)
     tensors = {name: value[net_index] for name, value in payload.tensors().items()}
@@ -100,15 +100,15 @@ def dispatch(
     tensors["ranks_in_node"] = by_node[net_index, dest_node]
     net_fields = [*payload.fields(), Field("src_token", torch.int32, 1), Field("ranks_in_node", torch.bool, per_node)]
     net_format = RowFormat(net_fields)
-    rows, net_recv = comm.exchange(net_format.pack(tensors), net_send, None, "peers", op)
-    hop = net_format.unpack(rows)
+    rows, net_recv = comm.exchange(kernels.pack_rows(net_format, tensors), net_send, None, "peers", op)
+    hop = kernels.unpack_rows(net_format, rows)
 
     hop["src_rank"] = (_node_of_rows(net_recv) * per_node + topo.local_rank).to(torch.int32).unsqueeze(1)
-    node_index, node_send = cpu.rows_by_column(hop["ranks_in_node"])
+    node_index, node_send = kernels.rows_by_column(hop["ranks_in_node"])
     node_send = node_send.tolist()
     node_format = RowFormat([*net_fields[:-1], Field("src_rank", torch.int32, 1)])
-    rows, node_recv = comm.exchange(node_format.pack(hop, node_index), node_send, None, "node", op)
-    received = node_format.unpack(rows)
+    rows, node_recv = comm.exchange(kernels.pack_rows(node_format, hop, node_index), node_send, None, "node", op)
+    received = kernels.unpack_rows(node_format, rows)
 
     order = torch.argsort(received["src_rank"].view(-1), stable=True)
     out = {name: received[name][order] for name in payload.tensors()}
@@ -119,11 +119,11 @@ def dispatch(
 
 def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: str = "dispatch") -> dict:
     """Dispatch new data along the routing of an earlier dispatch (no count exchange)."""
-    fmt = RowFormat(payload.fields())
-    rows, _ = comm.exchange(fmt.pack(payload.tensors(), handle.net_index), handle.net_send, handle.net_recv,
-                            "peers", op)
+    fmt, kernels = RowFormat(payload.fields()), kernels_for(payload.x.device)
+    rows, _ = comm.exchange(kernels.pack_rows(fmt, payload.tensors(), handle.net_index), handle.net_send,
+                            handle.net_recv, "peers", op)
     rows, _ = comm.exchange(rows[handle.node_index], handle.node_send, handle.node_recv, "node", op)
-    return fmt.unpack(rows[handle.order])
+    return kernels.unpack_rows(fmt, rows[handle.order])
 
 
 def combine(
@@ -137,7 +137,7 @@ def combine(
 
     Returns float32 sums `[num_tokens, hidden]` and `[num_tokens, num_topk]` (or None).
     """
-    num_recv = handle.num_recv
+    num_recv, kernels = handle.num_recv, kernels_for(x.device)
     unsorted = {"x": torch.empty_like(x[:num_recv])}
     unsorted["x"][handle.order] = x[:num_recv]
     fields = [Field("x", x.dtype, x.size(1))]
@@ -146,18 +146,16 @@ def combine(
         unsorted["w"][handle.order] = topk_weights[:num_recv]
         fields.append(Field("w", torch.float32, topk_weights.size(1)))
     fmt = RowFormat(fields)
-    rows, _ = comm.exchange(fmt.pack(unsorted), handle.node_recv, handle.node_send, "node", op)
-    copies = fmt.unpack(rows)
+    rows, _ = comm.exchange(kernels.pack_rows(fmt, unsorted), handle.node_recv, handle.node_send, "node", op)
+    copies = kernels.unpack_rows(fmt, rows)
 
     num_partials = sum(handle.net_recv)
-    partial = {name: torch.zeros(num_partials, value.size(1), dtype=torch.float32, device=x.device)
-               .index_add_(0, handle.node_index, value.float()) for name, value in copies.items()}
+    partial = {name: kernels.reduce_rows(value, handle.node_index, num_partials) for name, value in copies.items()}
     # Partial sums cross the network in the input dtype, as the data did; no rounding without a network.
     wire = x.dtype if comm.scope_size("peers") > 1 else torch.float32
     net_format = RowFormat([Field("x", wire, x.size(1)), *fields[1:]])
     partial["x"] = partial["x"].to(wire)
-    rows, _ = comm.exchange(net_format.pack(partial), handle.net_recv, handle.net_send, "peers", op)
-    sums = net_format.unpack(rows)
-    result = {name: torch.zeros(handle.num_tokens, value.size(1), dtype=torch.float32, device=x.device)
-              .index_add_(0, handle.net_index, value.float()) for name, value in sums.items()}
+    rows, _ = comm.exchange(kernels.pack_rows(net_format, partial), handle.net_recv, handle.net_send, "peers", op)
+    sums = kernels.unpack_rows(net_format, rows)
+    result = {name: kernels.reduce_rows(value, handle.net_index, handle.num_tokens) for name, value in sums.items()}
     return result["x"], result.get("w")
