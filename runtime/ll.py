@@ -57,6 +57,19 @@ def _expert_major(local_experts: int, slots: int, width: int, dtype: torch.dtype
     return torch.empty(local_experts, slots, width, dtype=dtype)
 
 
+_SHAPE_NAMES = ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "use_fp8")
+
+
+def _check_same_shape(op: str, rank: int, theirs: torch.Tensor, mine: torch.Tensor, exclude: frozenset[int]) -> None:
+    """Every (unexcluded) rank must call with this rank's shape; name those that did not."""
+    for peer, row in enumerate(theirs.tolist()):
+        if peer in exclude or row == mine.tolist():
+            continue
+        diff = ", ".join(f"{name}={a} (rank {rank}: {b})" for name, a, b in zip(_SHAPE_NAMES, row, mine.tolist(),
+                                                                              strict=True) if a != b)
+        raise ValueError(f"{op}: rank {peer} called with {diff}: every rank must pass the same values")
+
+
 class LLDispatch:
     """One LL dispatch: :meth:`send` at construction, :meth:`recv` completes it (once)."""
 
@@ -82,10 +95,13 @@ class LLDispatch:
             fields.append(Field("x", x.dtype, hidden))
         self.format = RowFormat(fields)
 
-        # Counts first (one small message per peer), then the rows, left in flight.
-        # Rows from masked sources still arrive (the sender may not know it is masked) and are dropped.
+        # Counts first (one small message per peer, with the call's shape so that ranks that
+        # disagree fail here, naming each other), then the rows, left in flight.
         exclude = frozenset(self.masked.nonzero().flatten().tolist())
-        self.arriving = comm.exchange_counts(counts, op, exclude)
+        shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int64)
+        got = comm.exchange_counts(torch.cat([shape.expand(num_ranks, -1), counts], 1), op, exclude)
+        _check_same_shape(op, comm.topology.rank, got[:, : shape.numel()], shape, exclude)
+        self.arriving = got[:, shape.numel():]
         self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
         self.pending: PendingExchange = comm.start_exchange(
             kernels.pack_rows(self.format, tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world",

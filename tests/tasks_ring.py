@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
 from tests import tasks_ht, tasks_ll
-from tests.tasks_common import generator, ht_buffer, ll_buffer, make_routing, make_x, new_ll_buffer
+from tests.tasks_common import generator, ht_buffer, ll_buffer, make_routing, make_x, new_ll_buffer, set_topology
 
 
 def proxy_stats(rank: int, world_size: int, *, num_nodes: int) -> dict[str, int]:
@@ -70,12 +70,50 @@ def killed_proxy(rank: int, world_size: int, *, victim: int, timeout_s: float) -
     return {"error": error, "elapsed": elapsed, "fresh_ok": finite}
 
 
-def mismatched_hidden(rank: int, world_size: int) -> str:
-    """Rank 0 dispatches with a different hidden size: every rank gets a clear error, no hang."""
-    hidden = 256 if rank == 0 else 128
-    buffer = new_ll_buffer(world_size, 2, 8, hidden, 2 * world_size, "ring")
+def mismatched_call(rank: int, world_size: int, *, param: str) -> str:
+    """Rank 0 calls LL dispatch with a different ``param``: every rank gets a clear error, no hang."""
+    values = {"hidden": 128, "max_tokens": 8, "num_experts": 2 * world_size}
+    if rank == 0:
+        values[param] *= 2
+    buffer = new_ll_buffer(world_size, 2, values["max_tokens"], values["hidden"], values["num_experts"], "ring")
+    gen = generator(61, rank)
+    topk_idx, _ = make_routing(gen, 8, values["num_experts"], 3)
+    x = make_x(gen, 8, values["hidden"])
     try:
-        _ll_round(buffer, rank, 61, 8, hidden, 2 * world_size)
-    except PortepError as exc:
+        buffer.low_latency_dispatch(x, topk_idx, values["max_tokens"], values["num_experts"], use_fp8=False)
+    except (PortepError, ValueError) as exc:
         return str(exc)
     return ""
+
+
+def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: float) -> dict[str, Any]:
+    """The fabric between nodes drops messages: each LL round either matches the local expectation
+    or fails within the deadline naming the operation — never a wrong result."""
+    import portep
+    from portep.reference import calc_diff
+
+    set_topology(world_size, 2, "ring")
+    saved = {k: os.environ.get(k) for k in ("PORTEP_TRANSPORT", "PORTEP_FAULTS", "PORTEP_TIMEOUT_S")}
+    os.environ.update(PORTEP_TRANSPORT="socket", PORTEP_FAULTS=f"drop={drop},seed={rank + 1}",
+                      PORTEP_TIMEOUT_S=str(timeout_s))
+    try:
+        size = portep.Buffer.get_low_latency_rdma_size_hint(8, 128, world_size, 2 * world_size)
+        buffer = portep.Buffer(dist.group.WORLD, 0, size, low_latency_mode=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    start = time.monotonic()
+    gen = generator(71, rank)
+    topk_idx, weights = make_routing(gen, 8, 2 * world_size, 3)
+    x = make_x(gen, 8, 128)
+    try:
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 2 * world_size, use_fp8=False)
+        out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    except (CommTimeoutError, PeerFailureError) as exc:
+        return {"error": str(exc), "elapsed": time.monotonic() - start}
+    want = x.float() * torch.where(topk_idx >= 0, weights, 0.0).sum(1, keepdim=True)
+    return {"error": "", "diff": calc_diff(out.float(), want), "elapsed": time.monotonic() - start}

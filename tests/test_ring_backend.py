@@ -43,10 +43,15 @@ def test_killed_proxy_fails_every_rank_within_deadline(pool4: RankPool) -> None:
         assert result["fresh_ok"], f"rank {rank}: a new Buffer did not work after the failure"
 
 
-def test_mismatched_hidden_is_named(pool4: RankPool) -> None:
-    messages = pool4.run(tasks_ring.mismatched_hidden)
+@pytest.mark.parametrize(("param", "named"), [("hidden", "hidden"), ("max_tokens", "num_max_dispatch_tokens_per_rank"),
+                                             ("num_experts", "")])
+def test_ranks_that_disagree_on_a_call_are_named(pool4: RankPool, param: str, named: str) -> None:
+    messages = pool4.run(tasks_ring.mismatched_call, param=param)
     for rank, message in enumerate(messages):
-        assert "rows of" in message and "disagree" in message, f"rank {rank}: {message!r}"
+        assert message, f"rank {rank}: no error although rank 0 called with another {param}"
+        if rank != 0:
+            assert "rank 0" in message, f"rank {rank}: the error does not name rank 0: {message!r}"
+        assert named in message, f"rank {rank}: the error does not name {named}: {message!r}"
 
 
 CHILD = textwrap.dedent("""
@@ -91,3 +96,14 @@ def _state(pid: int) -> str:
             return stat.read().split(")")[-1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_dropped_messages_time_out_naming_the_operation(pool4: RankPool) -> None:
+    results = pool4.run(tasks_ring.dropped_messages, drop=0.5, timeout_s=3.0)
+    assert any(r["error"] for r in results), f"nothing was lost at a 50% drop rate: {results}"
+    for rank, r in enumerate(results):
+        if r["error"]:
+            assert "low_latency_" in r["error"], f"rank {rank}: the error does not name the operation: {r}"
+            assert r["elapsed"] < 3.0 + 3.0, f"rank {rank}: failed only after {r['elapsed']:.1f} s"
+        else:
+            assert r["diff"] < 1e-5, f"rank {rank}: a wrong result instead of an error: {r}"
