@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from portep.deadlines import number_from_env
 from portep.errors import PeerFailureError, PortepError
 from portep.proxy.process import ProxyProcess
 from portep.proxy.ring import DescriptorRing
@@ -45,16 +46,7 @@ T = TypeVar("T")
 
 
 def chunk_bytes_from_env() -> int:
-    value = os.environ.get(CHUNK_ENV)
-    if not value:
-        return DEFAULT_CHUNK_BYTES
-    try:
-        chunk = int(value)
-    except ValueError as exc:
-        raise ValueError(f"{CHUNK_ENV}={value!r} is not an integer") from exc
-    if chunk < 4096:
-        raise ValueError(f"{CHUNK_ENV} must be at least 4096 bytes, got {chunk}")
-    return chunk
+    return int(number_from_env(CHUNK_ENV, DEFAULT_CHUNK_BYTES, kind=int, minimum=4096, unit="bytes"))
 
 
 def transport_name() -> str:

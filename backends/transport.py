@@ -110,12 +110,18 @@ class MessageTransport(Transport):
     def receive(self, max_messages: int | None) -> list[Message]:
         """Messages that have arrived for this endpoint."""
 
-    def _send_data(self, peer: int, src_offset: int, dst_offset: int, length: int, slot: int) -> None:
-        if self.region is None:
+    def _source(self, src_offset: int, length: int) -> np.ndarray:
+        """The registered region, after checking that ``[src_offset, src_offset + length)`` is in it."""
+        region = self.region
+        if region is None:
             raise RuntimeError(f"{self.name}: register memory before putting")
-        if src_offset < 0 or src_offset + length > self.region.size:
+        if src_offset < 0 or length < 0 or src_offset + length > region.size:
             raise ValueError(f"{self.name}: source bytes [{src_offset}, {src_offset + length}) are outside the "
-                             f"{self.region.size}-byte region")
+                             f"{region.size}-byte region")
+        return region
+
+    def _send_data(self, peer: int, src_offset: int, dst_offset: int, length: int, slot: int) -> None:
+        self._source(src_offset, length)
         for start in range(0, length, self.chunk_bytes):
             size = min(self.chunk_bytes, length - start)
             payload = self.region[src_offset + start : src_offset + start + size].tobytes()

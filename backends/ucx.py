@@ -155,12 +155,7 @@ class UcxTransport(MessageTransport):
 
     def _send_data(self, peer: int, src_offset: int, dst_offset: int, length: int, slot: int) -> None:
         """Chunks of a put, each copied once from the region into a send buffer behind its header."""
-        region = self.region
-        if region is None:
-            raise RuntimeError(f"{self.name}: register memory before putting")
-        if src_offset < 0 or length < 0 or src_offset + length > region.size:
-            raise ValueError(f"{self.name}: source bytes [{src_offset}, {src_offset + length}) are outside the "
-                             f"{region.size}-byte region")
+        region = self._source(src_offset, length)
         header = wire.HEADER_BYTES
         for start in range(0, length, self.chunk_bytes):
             size = min(self.chunk_bytes, length - start)

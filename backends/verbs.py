@@ -44,6 +44,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from types import SimpleNamespace
@@ -344,6 +345,25 @@ class _SendWindow:
         return sorted(p for p, n in self.count.items() if n)
 
 
+def _drain_until_done(transport: Any, drain: Callable[[], int], what: str, items: str,
+                      timeout_s: float | None) -> int:
+    """Drain ``transport``'s completion queue until its request window is empty; returns the
+    messages handled on the way. Raises :class:`CommTimeoutError` naming the peers still owed."""
+    timeout = transport.timeout_s if timeout_s is None else timeout_s
+    deadline, spins, handled = time.monotonic() + timeout, 0, 0
+    while transport.window.requests:
+        handled += drain()
+        if not transport.window.requests:
+            break
+        try:
+            _wait(deadline, spins)
+        except TimeoutError:
+            raise CommTimeoutError(f"{what} rank {transport.rank}", timeout, ranks=transport.window.busy_peers(),
+                                   detail=f"{len(transport.window.requests)} {items} not completed") from None
+        spins += 1
+    return handled
+
+
 def _wait(deadline: float, spins: int) -> None:
     if time.monotonic() > deadline:
         raise TimeoutError
@@ -564,18 +584,8 @@ class VerbsTransport(Transport):
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Poll until every posted write and signal has completed locally (RC: acknowledged by the peer)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline, spins = time.monotonic() + timeout, 0
-        while self.window.requests:
-            self._handled_outside_poll += self._drain_cq(None)
-            if not self.window.requests:
-                break
-            try:
-                _wait(deadline, spins)
-            except TimeoutError:
-                raise CommTimeoutError(f"verbs flush rank {self.rank}", timeout, ranks=self.window.busy_peers(),
-                                       detail=f"{len(self.window.requests)} work requests not completed") from None
-            spins += 1
+        self._handled_outside_poll += _drain_until_done(self, lambda: self._drain_cq(None), "verbs flush",
+                                                        "work requests", timeout_s)
 
     def close(self) -> None:
         self.dev.close()
@@ -663,12 +673,7 @@ class EfaTransport(MessageTransport):
 
     # ------------------------------------------------------------ sending
     def _send_data(self, peer: int, src_offset: int, dst_offset: int, length: int, slot: int) -> None:
-        region = self.region
-        if region is None:
-            raise RuntimeError(f"{self.name}: register memory before putting")
-        if src_offset < 0 or length < 0 or src_offset + length > region.size:
-            raise ValueError(f"{self.name}: source bytes [{src_offset}, {src_offset + length}) are outside the "
-                             f"{region.size}-byte region")
+        region = self._source(src_offset, length)
         header = wire.HEADER_BYTES
         for start in range(0, length, self.chunk_bytes):
             size = min(self.chunk_bytes, length - start)
@@ -763,18 +768,8 @@ class EfaTransport(MessageTransport):
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Poll until every send has completed (SRD: acknowledged by the peer's device)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline, spins = time.monotonic() + timeout, 0
-        while self.window.requests:
-            self._handled_outside_poll += self._drain_cq(None, apply=True)
-            if not self.window.requests:
-                break
-            try:
-                _wait(deadline, spins)
-            except TimeoutError:
-                raise CommTimeoutError(f"efa flush rank {self.rank}", timeout, ranks=self.window.busy_peers(),
-                                       detail=f"{len(self.window.requests)} sends not completed") from None
-            spins += 1
+        self._handled_outside_poll += _drain_until_done(self, lambda: self._drain_cq(None, apply=True), "efa flush",
+                                                        "sends", timeout_s)
 
     def close(self) -> None:
         self.dev.close()

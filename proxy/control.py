@@ -57,7 +57,7 @@ from typing import Any
 
 import grpc
 
-from portep.deadlines import default_timeout_s
+from portep.deadlines import default_timeout_s, number_from_env
 from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
 
 PROTOCOL_VERSION = 1
@@ -94,16 +94,7 @@ _SERVER_OPTIONS = [
 # ---------------------------------------------------------------------------------------------- settings
 def default_heartbeat_timeout_s() -> float:
     """Seconds of heartbeat silence before a rank is declared dead: ``PORTEP_HEARTBEAT_TIMEOUT_S`` or 5 s."""
-    value = os.environ.get(HEARTBEAT_TIMEOUT_ENV)
-    if not value:
-        return DEFAULT_HEARTBEAT_TIMEOUT_S
-    try:
-        timeout = float(value)
-    except ValueError as exc:
-        raise ValueError(f"{HEARTBEAT_TIMEOUT_ENV}={value!r} is not a number of seconds") from exc
-    if timeout <= 0:
-        raise ValueError(f"{HEARTBEAT_TIMEOUT_ENV} must be positive, got {timeout}")
-    return timeout
+    return number_from_env(HEARTBEAT_TIMEOUT_ENV, DEFAULT_HEARTBEAT_TIMEOUT_S)
 
 
 def run_dir() -> Path:
