@@ -203,9 +203,9 @@ class Buffer:
         """
         op = "get_dispatch_layout"
         self._live(op)
+        check.check_device(op, self.device, topk_idx=topk_idx)
         check.check_num_experts(op, num_experts, self.group_size)
         check.check_topk_idx(op, topk_idx, num_experts)
-        check.check_device(op, self.device, topk_idx=topk_idx)
         check.check_comm_stream_args(op, allocate_on_comm_stream, previous_event, async_finish)
         layout = cpu.dispatch_layout(topk_idx, num_experts, self.group_size, self.topology.ranks_per_node)
         return (*layout, _event(async_finish, topk_idx, *layout))
@@ -269,7 +269,9 @@ class Buffer:
         self._live(op)
         data, scales = check.split_x(op, x)
         check.check_device(op, self.device, x=data, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights,
-                           is_token_in_rank=is_token_in_rank)
+                           is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
+                           num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                           num_tokens_per_expert=num_tokens_per_expert)
         num_tokens = data.size(0)
         check.check_int(op, "expert_alignment", expert_alignment, minimum=1)
         check.check_int(op, "num_worst_tokens", num_worst_tokens)
