@@ -137,9 +137,8 @@ class RingBackend(CommBackend):
                                    check_alive=self._check_alive, diagnose=self._diagnose,
                                    wake=self.proxy.wake if self.proxy is not None else None)
         if self.proxy is not None:
-            this, prefix = weakref.ref(self), self.prefix  # the stats source must not keep the backend alive
-            client.watch_stats(self.session.new_proxy_id(),
-                               lambda: {"buffer": prefix, **(this().data_path_stats() if this() else {})})
+            this = weakref.ref(self)  # the stats source must not keep the backend alive
+            client.watch_stats(self.session.new_proxy_id(), lambda: this()._status() if this() else {})
         client.barrier(f"{self.prefix}/ready", timeout_s)  # every proxy is serving before any data moves
 
     # ------------------------------------------------------------------ scopes
@@ -209,6 +208,13 @@ class RingBackend(CommBackend):
 
     def dead_ranks(self) -> dict[int, str]:
         return self.session.client.dead_ranks()
+
+    def _status(self) -> dict[str, object]:
+        """What ``portep status`` shows for this Buffer's proxy."""
+        stats = self.proxy.stats() if self.proxy is not None else {}
+        return {"buffer": self.prefix, "transport": self.proxy.transport_name if self.proxy else "", **stats,
+                "queue_depth": self.ring.pending(), "chunks_written": self.engine.chunks_written,
+                "chunks_read": self.engine.chunks_read}
 
     def _diagnose(self) -> str:
         if self.proxy is None:
