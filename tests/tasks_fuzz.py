@@ -50,12 +50,22 @@ def _ll_combine_args(ctx: Ctx) -> dict[str, Any]:
     return {"x": recv_x, "topk_idx": ctx.topk_idx, "topk_weights": ctx.topk_weights, "handle": handle}
 
 
+def _clean_args(ctx: Ctx) -> dict[str, Any]:
+    return {"num_max_dispatch_tokens_per_rank": ctx.x.size(0), "hidden": ctx.x.size(1), "num_experts": ctx.num_experts}
+
+
+def _local_tensor_args(ctx: Ctx) -> dict[str, Any]:
+    return {"dtype": torch.bfloat16, "size": (4, 4), "offset": 64}
+
+
 CALLS: dict[str, tuple[Callable[[Ctx], dict[str, Any]], Callable[[Ctx], Callable[..., Any]]]] = {
     "get_dispatch_layout": (_layout_args, lambda ctx: ctx.ht.get_dispatch_layout),
     "dispatch": (_dispatch_args, lambda ctx: ctx.ht.dispatch),
     "combine": (_combine_args, lambda ctx: ctx.ht.combine),
     "low_latency_dispatch": (_ll_dispatch_args, lambda ctx: ctx.ll.low_latency_dispatch),
     "low_latency_combine": (_ll_combine_args, lambda ctx: ctx.ll.low_latency_combine),
+    "clean_low_latency_buffer": (_clean_args, lambda ctx: ctx.ll.clean_low_latency_buffer),
+    "get_local_buffer_tensor": (_local_tensor_args, lambda ctx: ctx.ht.get_local_buffer_tensor),
 }
 
 
@@ -82,7 +92,7 @@ def _corruptions(call: str, name: str, value: Any) -> list[str]:
     return []
 
 
-def _corrupt(value: Any, kind: str, data: st.DataObject) -> Any:
+def _corrupt(value: Any, kind: str, data: st.DataObject, name: str = "") -> Any:
     if kind == "dtype":
         return _other_dtype(value, data)
     if kind == "extra_dim":
@@ -91,7 +101,8 @@ def _corrupt(value: Any, kind: str, data: st.DataObject) -> Any:
         return torch.empty_like(value, device="meta")
     if kind == "fewer_rows":
         return value[:-1]
-    return data.draw(st.sampled_from(BAD_NUMBERS), label="number")
+    numbers = [n for n in BAD_NUMBERS if not (name == "offset" and n == 0)]  # offset 0 is valid
+    return data.draw(st.sampled_from(numbers), label="number")
 
 
 def fuzz_public_calls(rank: int, world_size: int, *, examples: int, seed: int = 31) -> int:
@@ -108,7 +119,7 @@ def fuzz_public_calls(rank: int, world_size: int, *, examples: int, seed: int = 
         args = make_args(ctx)
         candidates = [(name, kind) for name, value in args.items() for kind in _corruptions(call, name, value)]
         name, kind = data.draw(st.sampled_from(candidates), label="corruption")
-        broken = dict(args, **{name: _corrupt(args[name], kind, data)})
+        broken = dict(args, **{name: _corrupt(args[name], kind, data, name)})
         before = ctx.ht.get_stats()["exchanges"] + ctx.ll.get_stats()["exchanges"]
         try:
             method(ctx)(**broken)
