@@ -31,14 +31,16 @@ def _wait(work: dist.Work, op: str, timeout_s: float) -> None:
 
 
 class _CollectivePending(PendingExchange):
-    def __init__(self, work: dist.Work, out: torch.Tensor, recv_counts: list[int], op: str, timeout_s: float):
+    def __init__(self, work: dist.Work, out: torch.Tensor, recv_counts: list[int], op: str, timeout_s: float,
+                 device: torch.device):
         self.work, self.out, self.recv_counts = work, out, recv_counts
-        self.op, self.timeout_s = op, timeout_s
+        self.op, self.timeout_s, self.device = op, timeout_s, device
         self.done = False
 
     def wait(self) -> torch.Tensor:
         if not self.done:
             _wait(self.work, self.op, self.timeout_s)
+            self.out = self.out.to(self.device)
             self.done = True
         return self.out
 
@@ -90,6 +92,9 @@ class CollectiveBackend(CommBackend):
         group = self._groups[scope]
         if group is None:  # a scope of one rank
             return Completed(rows)
+        device = rows.device
+        if device.type != "cpu" and dist.get_backend(group) == "gloo":
+            rows = rows.cpu()  # gloo moves host memory: stage device rows
         if recv_counts is None:
             counts_in = torch.tensor(send_counts, dtype=torch.int64, device=rows.device)
             counts_out = torch.empty_like(counts_in)
@@ -98,7 +103,7 @@ class CollectiveBackend(CommBackend):
             recv_counts = counts_out.tolist()
         out = torch.empty(sum(recv_counts), rows.size(1), dtype=rows.dtype, device=rows.device)
         work = dist.all_to_all_single(out, rows, recv_counts, send_counts, group=group, async_op=True)
-        return _CollectivePending(work, out, recv_counts, op, self.timeout_s)
+        return _CollectivePending(work, out, recv_counts, op, self.timeout_s, device)
 
     def barrier(self, op: str) -> None:
         _wait(dist.barrier(group=self._groups["world"], async_op=True), op, self.timeout_s)

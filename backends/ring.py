@@ -60,9 +60,10 @@ def transport_name() -> str:
 
 
 class _RingPending(PendingExchange):
-    def __init__(self, backend: RingBackend, exchange: StreamExchange, keep: list[int], scope_size: int) -> None:
+    def __init__(self, backend: RingBackend, exchange: StreamExchange, keep: list[int], scope_size: int,
+                 device: torch.device) -> None:
         self.backend, self.exchange = backend, exchange
-        self.keep, self.scope_size = keep, scope_size
+        self.keep, self.scope_size, self.device = keep, scope_size, device
         self.rows: torch.Tensor | None = None
 
     @property
@@ -78,6 +79,7 @@ class _RingPending(PendingExchange):
             rows = self.backend.guarded(self.exchange.op, lambda: self.backend.engine.wait(self.exchange))
             # torch keeps numpy's strides, which are arbitrary for an empty array
             self.rows = torch.from_numpy(rows) if rows.size else torch.empty(rows.shape, dtype=torch.uint8)
+            self.rows = self.rows.to(self.device)  # device rows were staged through host windows
         return self.rows
 
 
@@ -170,9 +172,9 @@ class RingBackend(CommBackend):
             send_counts = [send_counts[i] for i in keep]
             recv_counts = None if recv_counts is None else [recv_counts[i] for i in keep]
         peers = [scope_ranks[i] for i in keep]
-        data = rows.contiguous().numpy()
+        data = rows.contiguous().cpu().numpy()  # GPU rows are staged through host memory
         exchange = self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts, op))
-        return _RingPending(self, exchange, keep, len(scope_ranks))
+        return _RingPending(self, exchange, keep, len(scope_ranks), rows.device)
 
     def barrier(self, op: str) -> None:
         peers = self.scope_ranks("world")

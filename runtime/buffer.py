@@ -8,6 +8,7 @@ algorithm over the selected backend (:mod:`portep.backends`).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,21 @@ from portep.native import cpu
 from portep.topology import Topology, discover
 
 _buffer_ids = itertools.count(1)
+DEVICE_ENV = "PORTEP_DEVICE"
+
+
+def default_device() -> torch.device:
+    """Where a Buffer's tensors live: ``PORTEP_DEVICE`` (``cpu`` or ``cuda``), default ``cpu``.
+
+    On ``cuda`` the kernels run on the GPU and rows cross between ranks through host windows."""
+    name = os.environ.get(DEVICE_ENV, "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{DEVICE_ENV}=cuda but torch sees no GPU")
+        return torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"{DEVICE_ENV}={name!r}: expected cpu or cuda")
 
 
 def _event(async_finish: bool, *tensors: Any) -> EventOverlap:
@@ -86,10 +102,10 @@ class Buffer:
         self.buffer_id = next(_buffer_ids)
         self.timeout_s = default_timeout_s()
         self.topology: Topology = discover(group)
-        self.device = torch.device("cpu")
+        self.device = default_device()
         self._backend = backends.create(backends.default_backend_name(), group, self.topology, self.timeout_s)
-        self._nvl_buffer = torch.zeros(num_nvl_bytes, dtype=torch.uint8)
-        self._rdma_buffer = torch.zeros(num_rdma_bytes, dtype=torch.uint8)
+        self._nvl_buffer = torch.zeros(num_nvl_bytes, dtype=torch.uint8, device=self.device)
+        self._rdma_buffer = torch.zeros(num_rdma_bytes, dtype=torch.uint8, device=self.device)
         self._ll_half = 0
         self._mask = torch.zeros(self.group_size, dtype=torch.int32)
         self._destroyed = False
@@ -542,7 +558,7 @@ class Buffer:
 
         call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op)
         self._flip_half()
-        result = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
+        result = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
 
         def hook() -> None:
             call.recv(result, combine_wait_recv_cost_stats)

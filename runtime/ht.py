@@ -77,8 +77,9 @@ class Payload:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def _node_of_rows(counts: list[int]) -> torch.Tensor:
-    return torch.arange(len(counts)).repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+def _node_of_rows(counts: list[int], device: torch.device) -> torch.Tensor:
+    index = torch.arange(len(counts), device=device)
+    return index.repeat_interleave(torch.tensor(counts, dtype=torch.int64, device=device))
 
 
 def dispatch(
@@ -94,7 +95,7 @@ def dispatch(
     by_node = is_token_in_rank.view(num_tokens, topo.num_nodes, per_node)
     net_index, net_send = kernels.rows_by_column(by_node.any(2))
     net_send = net_send.tolist()
-    dest_node = _node_of_rows(net_send)
+    dest_node = _node_of_rows(net_send, is_token_in_rank.device)
     tensors = {name: value[net_index] for name, value in payload.tensors().items()}
     tensors["src_token"] = net_index.to(torch.int32).unsqueeze(1)
     tensors["ranks_in_node"] = by_node[net_index, dest_node]
@@ -103,7 +104,8 @@ def dispatch(
     rows, net_recv = comm.exchange(kernels.pack_rows(net_format, tensors), net_send, None, "peers", op)
     hop = kernels.unpack_rows(net_format, rows)
 
-    hop["src_rank"] = (_node_of_rows(net_recv) * per_node + topo.local_rank).to(torch.int32).unsqueeze(1)
+    source_node = _node_of_rows(net_recv, is_token_in_rank.device)
+    hop["src_rank"] = (source_node * per_node + topo.local_rank).to(torch.int32).unsqueeze(1)
     node_index, node_send = kernels.rows_by_column(hop["ranks_in_node"])
     node_send = node_send.tolist()
     node_format = RowFormat([*net_fields[:-1], Field("src_rank", torch.int32, 1)])

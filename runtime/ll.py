@@ -51,10 +51,11 @@ class LLRecvTensors:
     layout_range: torch.Tensor
 
 
-def _expert_major(local_experts: int, slots: int, width: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+def _expert_major(local_experts: int, slots: int, width: int, dtype: torch.dtype, transposed: bool,
+                  device: torch.device) -> torch.Tensor:
     if transposed:  # scale-major storage, as grouped GEMMs read scales
-        return torch.empty(local_experts, width, slots, dtype=dtype).transpose(1, 2)
-    return torch.empty(local_experts, slots, width, dtype=dtype)
+        return torch.empty(local_experts, width, slots, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(local_experts, slots, width, dtype=dtype, device=device)
 
 
 _SHAPE_NAMES = ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "use_fp8")
@@ -76,7 +77,7 @@ class LLDispatch:
     def __init__(self, comm: CommBackend, x: torch.Tensor, topk_idx: torch.Tensor, num_max_tokens: int,
                  num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, masked: torch.Tensor,
                  op: str = "low_latency_dispatch") -> None:
-        self.comm, self.op, self.masked = comm, op, masked.clone()
+        self.comm, self.op, self.masked = comm, op, masked.to(x.device)
         num_ranks = comm.topology.num_ranks
         local_experts, hidden = num_experts // num_ranks, x.size(1)
         self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
@@ -97,8 +98,8 @@ class LLDispatch:
 
         # Counts first (one small message per peer, with the call's shape so that ranks that
         # disagree fail here, naming each other), then the rows, left in flight.
-        exclude = frozenset(self.masked.nonzero().flatten().tolist())
-        shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int64)
+        exclude = frozenset(masked.nonzero().flatten().tolist())
+        shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int64, device=x.device)
         got = comm.exchange_counts(torch.cat([shape.expand(num_ranks, -1), counts], 1), op, exclude)
         _check_same_shape(op, comm.topology.rank, got[:, : shape.numel()], shape, exclude)
         self.arriving = got[:, shape.numel():]
@@ -112,13 +113,13 @@ class LLDispatch:
         if use_fp8:
             scale_width = hidden // 512 if use_ue8m0 else hidden // 128
             scale_dtype = torch.int32 if use_ue8m0 else torch.float32
-            scales_out = _expert_major(local_experts, slots, scale_width, scale_dtype, transposed=True)
+            scales_out = _expert_major(local_experts, slots, scale_width, scale_dtype, True, x.device)
         self.out = LLRecvTensors(
-            x=_expert_major(local_experts, slots, hidden, torch.float8_e4m3fn if use_fp8 else x.dtype, False),
+            x=_expert_major(local_experts, slots, hidden, torch.float8_e4m3fn if use_fp8 else x.dtype, False, x.device),
             scales=scales_out,
-            count=torch.empty(local_experts, dtype=torch.int32),
-            src_info=torch.empty(local_experts, slots, dtype=torch.int32),
-            layout_range=torch.empty(local_experts, num_ranks, dtype=torch.int64),
+            count=torch.empty(local_experts, dtype=torch.int32, device=x.device),
+            src_info=torch.empty(local_experts, slots, dtype=torch.int32, device=x.device),
+            layout_range=torch.empty(local_experts, num_ranks, dtype=torch.int64, device=x.device),
         )
         self.done = False
 
@@ -161,6 +162,7 @@ class LLCombine:
         _, layout_range, _, hidden, num_experts = handle
         self.hidden, self.num_tokens, self.use_logfmt = hidden, topk_idx.size(0), use_logfmt
         self.kernels = kernels = kernels_for(expert_out.device)
+        masked = masked.to(expert_out.device)
         expected = handle.send_counts.clone()
         expected[masked] = 0
         self.token, self.k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
@@ -199,9 +201,11 @@ class LLCombine:
         else:
             values = rows.view(torch.bfloat16)
         total = self.kernels.reduce_rows(values, self.token, self.num_tokens, self.weights)
-        result = out if out is not None else torch.empty(self.num_tokens, self.hidden, dtype=torch.bfloat16)
+        result = out if out is not None else torch.empty(self.num_tokens, self.hidden, dtype=torch.bfloat16,
+                                                         device=total.device)
         result.copy_(total)
         if wait_cost_stats is not None:
-            wait_cost_stats += (torch.tensor(self.pending.recv_counts) > 0).to(wait_cost_stats.dtype) * waited
+            received = torch.tensor(self.pending.recv_counts, device=wait_cost_stats.device) > 0
+            wait_cost_stats += received.to(wait_cost_stats.dtype) * waited
         self.done = True
         return result
