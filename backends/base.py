@@ -57,13 +57,20 @@ class CommBackend(ABC):
         self.topology = topology
         self.stats = TrafficStats()
 
-    @abstractmethod
+    def scope_ranks(self, scope: Scope) -> list[int]:
+        """Group ranks of ``scope``, in scope order."""
+        t = self.topology
+        if scope == "world":
+            return list(range(t.num_ranks))
+        return t.node_ranks(t.node) if scope == "node" else t.peer_ranks(t.local_rank)
+
     def scope_size(self, scope: Scope) -> int:
         """Number of ranks in ``scope``."""
+        return len(self.scope_ranks(scope))
 
-    @abstractmethod
     def scope_index(self, scope: Scope) -> int:
         """This rank's index within ``scope``."""
+        return self.scope_ranks(scope).index(self.topology.rank)
 
     @abstractmethod
     def start_exchange(

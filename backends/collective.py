@@ -72,16 +72,6 @@ class CollectiveBackend(CommBackend):
         else:
             self._groups["peers"] = group
 
-    def scope_size(self, scope: Scope) -> int:
-        if scope == "world":
-            return self.topology.num_ranks
-        return self.topology.ranks_per_node if scope == "node" else self.topology.num_nodes
-
-    def scope_index(self, scope: Scope) -> int:
-        if scope == "world":
-            return self.topology.rank
-        return self.topology.local_rank if scope == "node" else self.topology.node
-
     def start_exchange(
         self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
         exclude: frozenset[int] = frozenset(),

@@ -108,13 +108,14 @@ class RingBackend(CommBackend):
         self.window = Window.create(layout.num_signals, layout.data_bytes, tag=f"r{rank}-")
         self.ring = DescriptorRing.create(RING_CAPACITY)
         remote = [p for p in range(world) if topology.node_of(p) != topology.node]
-        self.proxy: ProxyProcess | None = None
-        windows = [self.window]
-        self._finalizer = weakref.finalize(self, _release, None, windows, self.ring)
-        if remote:
-            self.proxy = ProxyProcess(rank, world, self.window, [self.ring], transport_name(), timeout_s)
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
+        windows = [self.window]  # this rank's, then the same-node peers' it maps
+        try:
+            self.proxy = (ProxyProcess(rank, world, self.window, [self.ring], transport_name(), timeout_s)
+                          if remote else None)
+        except BaseException:
+            _release(None, windows, self.ring)
+            raise
+        self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
 
         # Rendezvous on the control plane: every rank learns its peers' windows and proxy addresses.
         mine = {"window": self.window.name, "host": socket.gethostname(),
@@ -142,20 +143,6 @@ class RingBackend(CommBackend):
             this = weakref.ref(self)  # the stats source must not keep the backend alive
             client.watch_stats(self.session.new_proxy_id(), lambda: this()._status() if this() else {})
         client.barrier(f"{self.prefix}/ready", timeout_s)  # every proxy is serving before any data moves
-
-    # ------------------------------------------------------------------ scopes
-    def scope_ranks(self, scope: Scope) -> list[int]:
-        """Group ranks of ``scope``, in scope order."""
-        t = self.topology
-        if scope == "world":
-            return list(range(t.num_ranks))
-        return t.node_ranks(t.node) if scope == "node" else t.peer_ranks(t.local_rank)
-
-    def scope_size(self, scope: Scope) -> int:
-        return len(self.scope_ranks(scope))
-
-    def scope_index(self, scope: Scope) -> int:
-        return self.scope_ranks(scope).index(self.topology.rank)
 
     # ------------------------------------------------------------------ moving rows
     def start_exchange(

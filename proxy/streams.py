@@ -163,14 +163,12 @@ class StreamExchange:
     row_bytes: int
     recv_counts: list[int | None]
     parts: list[np.ndarray | None]
-    sends_left: int = 0
-    recvs_left: int = 0
-    pending_from: set[int] = field(default_factory=set)
-    pending_to: set[int] = field(default_factory=set)
+    pending_from: set[int] = field(default_factory=set)  # peers whose message has not all arrived
+    pending_to: set[int] = field(default_factory=set)  # peers not yet sent all of their message
 
     @property
     def done(self) -> bool:
-        return self.sends_left == 0 and self.recvs_left == 0
+        return not self.pending_from and not self.pending_to
 
     def result(self) -> np.ndarray:
         """The received rows, grouped by sender in scope order: uint8 ``[rows, row_bytes]``."""
@@ -226,8 +224,6 @@ class StreamEngine:
             self.send_seq[peer] += 1
             self.outgoing[peer].append(_Outgoing(exchange, header.view(np.uint8), payload))
             self.incoming[peer].append(_Incoming(exchange, index))
-            exchange.sends_left += 1
-            exchange.recvs_left += 1
             exchange.pending_to.add(peer)
             exchange.pending_from.add(peer)
         self.progress()
@@ -242,16 +238,12 @@ class StreamEngine:
                     < self.layout.slots:
                 moved += 1
                 if self._send_chunk(peer, queue[0]):
-                    item = queue.popleft()
-                    item.exchange.sends_left -= 1
-                    item.exchange.pending_to.discard(peer)
+                    queue.popleft().exchange.pending_to.discard(peer)
         for source, queue in self.incoming.items():
             while queue and self._landed(source):
                 moved += 1
                 if self._recv_chunk(source, queue[0]):
-                    item = queue.popleft()
-                    item.exchange.recvs_left -= 1
-                    item.exchange.pending_from.discard(source)
+                    queue.popleft().exchange.pending_from.discard(source)
         self.flush()
         return moved
 
