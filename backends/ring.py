@@ -15,8 +15,6 @@ The transport between nodes is chosen from what the machine has (``PORTEP_TRANSP
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -35,9 +33,9 @@ from portep.proxy.window import Window
 from portep.topology import Topology
 
 from .base import CommBackend, PendingExchange, Scope
+from .transports import auto_transport_name
 
 CHUNK_ENV = "PORTEP_CHUNK_BYTES"
-TRANSPORT_ENV = "PORTEP_TRANSPORT"
 DEFAULT_CHUNK_BYTES = 1 << 20
 RING_CAPACITY = 4096
 FAILURE_POLL_S = 0.25  # how often a waiting rank asks the control plane whether a peer gave up
@@ -47,16 +45,6 @@ T = TypeVar("T")
 
 def chunk_bytes_from_env() -> int:
     return int(number_from_env(CHUNK_ENV, DEFAULT_CHUNK_BYTES, kind=int, minimum=4096, unit="bytes"))
-
-
-def transport_name() -> str:
-    """``PORTEP_TRANSPORT`` if set, else the best transport this machine has."""
-    forced = os.environ.get(TRANSPORT_ENV)
-    if forced:
-        return forced
-    from .transports import auto_transport_name
-
-    return auto_transport_name()
 
 
 class _RingPending(PendingExchange):
@@ -110,7 +98,7 @@ class RingBackend(CommBackend):
         remote = [p for p in range(world) if topology.node_of(p) != topology.node]
         windows = [self.window]  # this rank's, then the same-node peers' it maps
         try:
-            self.proxy = (ProxyProcess(rank, world, self.window, [self.ring], transport_name(), timeout_s)
+            self.proxy = (ProxyProcess(rank, world, self.window, [self.ring], auto_transport_name(), timeout_s)
                           if remote else None)
         except BaseException:
             _release(None, windows, self.ring)
@@ -118,7 +106,7 @@ class RingBackend(CommBackend):
         self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
 
         # Rendezvous on the control plane: every rank learns its peers' windows and proxy addresses.
-        mine = {"window": self.window.name, "host": socket.gethostname(),
+        mine = {"window": self.window.name,
                 "proxy": self.proxy.address.hex() if self.proxy else None}
         client = self.session.client
         infos = [json.loads(blob) for blob in client.allgather(f"{self.prefix}/endpoints", json.dumps(mine).encode(),

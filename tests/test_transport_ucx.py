@@ -64,6 +64,17 @@ def make_region(seed: int, rank: int) -> np.ndarray:
     return region
 
 
+def register_and_connect(transport: Transport, rank: int, world: int, seed: int, puts: list[Put]) -> None:
+    """Register this rank's region for ``puts`` and connect to every rank (addresses over gloo)."""
+    import torch.distributed as dist
+
+    transport.register(make_region(seed, rank), num_signal_slots=len(puts) + 1)
+    addresses: list[bytes] = [b""] * world
+    dist.all_gather_object(addresses, transport.address())
+    for peer, address in enumerate(addresses):
+        transport.connect(peer, address)
+
+
 def run_plan(transport: Transport, world: int, seed: int, puts: list[Put]) -> dict[str, int]:
     """Post this rank's puts, then poll until everything addressed to it has landed, checking after
     each poll that every visible signal guards correct bytes; then a completion round of signals.
@@ -123,16 +134,11 @@ def run_plan(transport: Transport, world: int, seed: int, puts: list[Put]) -> di
 # ---------------------------------------------------------------- tasks run by the rank pool
 def exchange_task(rank: int, world_size: int, seed: int, chunk: int, count: int, tls: str | None,
                   window_ops: int = 64) -> dict[str, object]:
-    import torch.distributed as dist
 
     puts = make_plan(seed, world_size, chunk, count)
     transport = UcxTransport(rank, chunk_bytes=chunk, tls=tls, window_ops=window_ops, timeout_s=DEADLINE_S)
     try:
-        transport.register(make_region(seed, rank), num_signal_slots=len(puts) + 1)
-        addresses: list[bytes] = [b""] * world_size
-        dist.all_gather_object(addresses, transport.address())
-        for peer, address in enumerate(addresses):
-            transport.connect(peer, address)
+        register_and_connect(transport, rank, world_size, seed, puts)
         result = run_plan(transport, world_size, seed, puts)
         return {**result, "received_bytes": transport.stats["received_bytes"], "tls": transport.tls}
     finally:

@@ -16,7 +16,7 @@ import pytest
 from portep.backends import verbs as vb
 from portep.errors import CommTimeoutError, TransportError
 from tests.rankpool import RankPool
-from tests.test_transport_ucx import HALF, Put, make_plan, make_region, run_plan, source_bytes
+from tests.test_transport_ucx import HALF, Put, make_plan, make_region, register_and_connect, run_plan, source_bytes
 
 
 # ---------------------------------------------------------------- pure parts
@@ -326,11 +326,7 @@ def verbs_exchange_task(rank: int, world_size: int, kind: str, seed: int, chunk:
     else:
         transport = vb.VerbsTransport(rank, world_size, max_write_bytes=chunk, timeout_s=20)
     try:
-        transport.register(make_region(seed, rank), num_signal_slots=len(puts) + 1)
-        addresses: list[bytes] = [b""] * world_size
-        dist.all_gather_object(addresses, transport.address())
-        for peer, address in enumerate(addresses):
-            transport.connect(peer, address)
+        register_and_connect(transport, rank, world_size, seed, puts)
         dist.barrier()
         return run_plan(transport, world_size, seed, puts)
     finally:
