@@ -39,6 +39,7 @@ CHUNK_ENV = "PORTEP_CHUNK_BYTES"
 DEFAULT_CHUNK_BYTES = 1 << 20
 RING_CAPACITY = 4096
 FAILURE_POLL_S = 0.25  # how often a waiting rank asks the control plane whether a peer gave up
+CLOSE_DRAIN_S = 10.0  # the longest close() waits for peers to consume this rank's last messages
 
 T = TypeVar("T")
 
@@ -209,4 +210,15 @@ class RingBackend(CommBackend):
         return out
 
     def close(self) -> None:
+        """Wait (briefly) until live peers have consumed everything this rank sent — so a rank
+        that leaves first does not cut off its last message — then stop the proxy and unmap."""
+        if self.failed is None and self._finalizer.alive:
+            try:
+                dead = set(self.dead_ranks())
+            except PortepError:
+                dead = set(range(self.layout.world))  # no control plane: nobody to wait for
+            try:
+                self.engine.drain(min(self.timeout_s, CLOSE_DRAIN_S), skip=dead)
+            except PortepError:
+                pass  # a broken stream: there is nothing left to deliver
         self._finalizer()

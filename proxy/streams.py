@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -334,6 +334,23 @@ class StreamEngine:
             backoff(idle)
             idle += 1
         return exchange.result()
+
+    def drain(self, timeout_s: float, skip: Collection[int] = ()) -> list[int]:
+        """Progress until every peer but ``skip`` has consumed every chunk sent to it (its credits
+        came back), or ``timeout_s`` passed; returns the peers still owing credits."""
+        deadline = time.monotonic() + timeout_s
+        idle = 0
+        while True:
+            owing = [p for p in range(self.layout.world) if p not in skip and p != self.rank
+                     and int(self.window.signals[self.layout.credit_signal(p)]) < self.sent[p]]
+            if not owing or time.monotonic() > deadline:
+                return owing
+            if self.progress():
+                idle = 0
+                continue
+            self.wake()
+            backoff(idle)
+            idle += 1
 
     def _timeout(self, exchange: StreamExchange) -> CommTimeoutError:
         missing = []

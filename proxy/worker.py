@@ -25,6 +25,7 @@ from typing import Any
 
 from portep.backends.faults import FAULTS_ENV, Faults
 from portep.backends.transport import MessageTransport
+from portep.errors import PortepError
 
 from .loop import Proxy
 from .ring import DescriptorRing, backoff, unlink_untracked
@@ -36,6 +37,9 @@ STATS_PERIOD_S = 0.02
 # not starve the ranks they share cores with.
 DEEP_IDLE_S = 0.2
 SLEEP_S = 0.05
+# On a stop request the proxy first posts what its rings still hold and waits (this long at most)
+# for its transport to finish sending, so the rank's last message is not cut off.
+STOP_DRAIN_S = 2.0
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -102,8 +106,23 @@ def serve(proxy: Proxy, window: Window, parent_pid: int, wake_fd: int) -> bool:
         if now - last >= STATS_PERIOD_S:
             last = now
             publish(proxy, window, steps)
-            if window.control[Control.STOP] or os.getppid() != parent_pid:
-                return os.getppid() == parent_pid
+            if os.getppid() != parent_pid:
+                return False
+            if window.control[Control.STOP]:
+                drain(proxy, STOP_DRAIN_S)
+                return True
+
+
+def drain(proxy: Proxy, timeout_s: float) -> None:
+    """Post every descriptor left in the rings, then wait up to ``timeout_s`` for the transport to
+    complete its sends. Best effort: a peer that is gone must not keep the proxy from exiting."""
+    deadline = time.monotonic() + timeout_s
+    while any(ring.pending() for ring in proxy.rings) and time.monotonic() < deadline:
+        proxy.step()
+    try:
+        proxy.transport.flush(max(deadline - time.monotonic(), 0.0))
+    except PortepError:
+        pass
 
 
 def main() -> int:

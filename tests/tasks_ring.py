@@ -117,3 +117,18 @@ def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: floa
         return {"error": str(exc), "elapsed": time.monotonic() - start}
     want = x.float() * torch.where(topk_idx >= 0, weights, 0.0).sum(1, keepdim=True)
     return {"error": "", "diff": calc_diff(out.float(), want), "elapsed": time.monotonic() - start}
+
+
+def destroy_right_after(rank: int, world_size: int, *, cycles: int, delay_rank: int) -> int:
+    """Create a Buffer, run one LL round, destroy it — ``cycles`` times. ``delay_rank`` is slow to
+    read its last message, so the others reach the end of ``destroy`` first: their last chunks must
+    still arrive (a rank that leaves may not cut off what it sent)."""
+    rounds = 0
+    for cycle in range(cycles):
+        buffer = new_ll_buffer(world_size, 2, 8, 128, 2 * world_size, "ring", explicitly_destroy=True)
+        _ll_round(buffer, rank, 80 + cycle, 8, 128, 2 * world_size)
+        if rank == delay_rank:
+            time.sleep(0.3)
+        buffer.destroy()
+        rounds += 1
+    return rounds

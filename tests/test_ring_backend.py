@@ -107,3 +107,7 @@ def test_dropped_messages_time_out_naming_the_operation(pool4: RankPool) -> None
             assert r["elapsed"] < 3.0 + 3.0, f"rank {rank}: failed only after {r['elapsed']:.1f} s"
         else:
             assert r["diff"] < 1e-5, f"rank {rank}: a wrong result instead of an error: {r}"
+
+
+def test_destroy_delivers_the_last_message_to_a_slow_peer(pool4: RankPool) -> None:
+    assert pool4.run(tasks_ring.destroy_right_after, cycles=4, delay_rank=3) == [4] * 4
