@@ -47,6 +47,12 @@ class PendingExchange(ABC):
         """Block until every row has arrived (or the deadline passes) and return them:
         uint8 `[sum(recv_counts), row_bytes]`, grouped by sender in scope order."""
 
+    @property
+    def dropped(self) -> frozenset[int]:
+        """World ranks dropped from the exchange after they died (0 rows from them); see
+        ``drop_dead`` of :meth:`CommBackend.start_exchange`."""
+        return frozenset()
+
 
 class CommBackend(ABC):
     """Moves byte rows between the ranks of one group."""
@@ -81,6 +87,7 @@ class CommBackend(ABC):
         scope: Scope,
         op: str,
         exclude: frozenset[int] = frozenset(),
+        drop_dead: bool = False,
     ) -> PendingExchange:
         """Send ``rows`` (uint8 `[sum(send_counts), row_bytes]`, grouped by destination in scope
         order) and start receiving. ``recv_counts`` may be None, then the backend learns them
@@ -88,7 +95,11 @@ class CommBackend(ABC):
 
         ``exclude``: world ranks left out (masked, possibly dead), to which nothing is sent
         (their ``send_counts`` must be 0) and from which 0 rows are received. Backends that
-        cannot leave a rank out of a collective send it empty messages instead."""
+        cannot leave a rank out of a collective send it empty messages instead.
+
+        ``drop_dead``: a rank that dies while the exchange is in flight is dropped from it (as if
+        masked, see :attr:`PendingExchange.dropped`) instead of failing it — DeepEP's shrink mode.
+        Backends that cannot tell a dead rank (collectives) ignore it and fail as usual."""
 
     def exchange(
         self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
@@ -98,17 +109,21 @@ class CommBackend(ABC):
         pending = self.start_exchange(rows, send_counts, recv_counts, scope, op, exclude)
         return pending.wait(), pending.recv_counts
 
-    def exchange_counts(self, counts: torch.Tensor, op: str, exclude: frozenset[int] = frozenset()) -> torch.Tensor:
+    def exchange_counts(self, counts: torch.Tensor, op: str, exclude: frozenset[int] = frozenset(),
+                        drop_dead: bool = False) -> tuple[torch.Tensor, frozenset[int]]:
         """Send row ``r`` of int64 `[num_ranks, k]` ``counts`` to rank ``r`` (world scope); return the
-        `[num_ranks, k]` rows received, row ``r`` from rank ``r`` (zeros from ``exclude``)."""
+        `[num_ranks, k]` rows received, row ``r`` from rank ``r`` (zeros from ``exclude`` and from
+        ranks dropped after they died, which come second)."""
         num_ranks = counts.size(0)
         keep = [r for r in range(num_ranks) if r not in exclude or r == self.topology.rank]
         rows = counts.to(torch.int64).contiguous()[keep].view(torch.uint8).view(len(keep), -1)
         ones = [int(r in keep) for r in range(num_ranks)]
-        got, _ = self.exchange(rows, ones, ones, "world", op, exclude)
+        pending = self.start_exchange(rows, ones, ones, "world", op, exclude, drop_dead)
+        got = pending.wait()
+        arrived = [r for r in keep if r not in pending.dropped]
         out = torch.zeros_like(counts, dtype=torch.int64)
-        out[keep] = got.contiguous().view(torch.int64).view(len(keep), -1)
-        return out
+        out[arrived] = got.contiguous().view(torch.int64).view(len(arrived), -1)
+        return out, pending.dropped
 
     def dead_ranks(self) -> dict[int, str]:
         """Ranks known to be dead, and how that was detected (none when the backend cannot tell)."""

@@ -74,9 +74,10 @@ class CollectiveBackend(CommBackend):
 
     def start_exchange(
         self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
-        exclude: frozenset[int] = frozenset(),
+        exclude: frozenset[int] = frozenset(), drop_dead: bool = False,
     ) -> PendingExchange:
-        # A collective cannot leave a rank out: excluded ranks take part, with empty messages.
+        # A collective cannot leave a rank out: excluded ranks take part, with empty messages; and
+        # it cannot tell a dead rank, so ``drop_dead`` changes nothing (the deadline fails it).
         me = self.scope_index(scope)
         self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
         group = self._groups[scope]

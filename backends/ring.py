@@ -71,6 +71,10 @@ class _RingPending(PendingExchange):
             self.rows = self.rows.to(self.device)  # device rows were staged through host windows
         return self.rows
 
+    @property
+    def dropped(self) -> frozenset[int]:
+        return frozenset(self.exchange.dropped)
+
 
 def _release(proxy: ProxyProcess | None, windows: list[Window], ring: DescriptorRing) -> None:
     if proxy is not None:
@@ -136,7 +140,7 @@ class RingBackend(CommBackend):
     # ------------------------------------------------------------------ moving rows
     def start_exchange(
         self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
-        exclude: frozenset[int] = frozenset(),
+        exclude: frozenset[int] = frozenset(), drop_dead: bool = False,
     ) -> PendingExchange:
         scope_ranks = self.scope_ranks(scope)
         me = scope_ranks.index(self.topology.rank)
@@ -149,7 +153,8 @@ class RingBackend(CommBackend):
             recv_counts = None if recv_counts is None else [recv_counts[i] for i in keep]
         peers = [scope_ranks[i] for i in keep]
         data = rows.contiguous().cpu().numpy()  # GPU rows are staged through host memory
-        exchange = self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts, op))
+        exchange = self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts, op,
+                                                                        drop_dead, exclude))
         return _RingPending(self, exchange, keep, len(scope_ranks), rows.device)
 
     def barrier(self, op: str) -> None:
@@ -175,14 +180,24 @@ class RingBackend(CommBackend):
             raise
 
     # ------------------------------------------------------------------ health, stats, teardown
-    def _check_alive(self, op: str) -> None:
+    def _check_alive(self, exchange: StreamExchange) -> None:
+        """Fail ``exchange`` if this rank's proxy or another rank of the group is gone (the op as
+        a whole cannot finish), naming it. Ranks masked out of the exchange do not count, and an
+        exchange started with ``drop_dead`` (rank masking) drops the dead peers it waits on and
+        goes on without them."""
+        op = exchange.op
         if self.proxy is not None:
             self.proxy.check(op)
+        me, ignored = self.topology.rank, exchange.excluded | self.engine.gone.keys()
+        dead = {r: how for r, how in self.dead_ranks().items() if r != me and r not in ignored}
+        if dead and exchange.drop_dead:
+            self.engine.drop(dead, dead)
+        elif dead:
+            raise PeerFailureError(op, dead, causes=dead)
         now = time.monotonic()
-        poll = now - self._last_failure_poll > FAILURE_POLL_S
-        if poll:
+        if now - self._last_failure_poll > FAILURE_POLL_S:
             self._last_failure_poll = now
-        self.session.check(self.prefix, op, poll_failures=poll)
+            self.session.check_failure_notice(self.prefix, op, ignored | {me})
 
     def dead_ranks(self) -> dict[int, str]:
         return self.session.client.dead_ranks()

@@ -126,7 +126,7 @@ def soak_rank(rank: int, world: int, iterations: int, seed: int, time_budget_s: 
             flag = torch.ones(world, 1, dtype=torch.int64)
         else:
             flag = torch.zeros(world, 1, dtype=torch.int64)
-        if int(ht._backend.exchange_counts(flag, "soak stop").max()):
+        if int(ht._backend.exchange_counts(flag, "soak stop")[0].max()):
             break
     stats = ht.get_stats()
     buffers = [ht, *ll_buffers.values()]

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -66,18 +67,17 @@ class ControlSession:
         if self.client.try_get(key) is None:
             self.client.put(key, json.dumps({"rank": self.rank, "op": op, "detail": detail}).encode())
 
-    def check(self, prefix: str, op: str, poll_failures: bool) -> None:
-        """Raise :class:`PeerFailureError` if a rank died, or (``poll_failures``) gave up on this Buffer."""
-        self.client.check(op)
-        if poll_failures:
-            try:
-                failed = self.client.try_get(f"{prefix}/failed")
-            except PortepError:
-                return  # the server is unreachable: heartbeats will name its host
-            if failed is not None:
-                info = json.loads(failed)
-                if info["rank"] != self.rank:
-                    raise PeerFailureError(op, [info["rank"]], detail=f"it failed in {info['op']}: {info['detail']}")
+    def check_failure_notice(self, prefix: str, op: str, ignored: Collection[int]) -> None:
+        """Raise :class:`PeerFailureError` if a rank not in ``ignored`` gave up on the Buffer
+        ``prefix`` (one RPC; dead ranks are found by :meth:`ControlClient.dead_ranks`)."""
+        try:
+            failed = self.client.try_get(f"{prefix}/failed")
+        except PortepError:
+            return  # the server is unreachable: heartbeats will name its host
+        if failed is not None:
+            info = json.loads(failed)
+            if info["rank"] not in ignored:
+                raise PeerFailureError(op, [info["rank"]], detail=f"it failed in {info['op']}: {info['detail']}")
 
     def close(self) -> None:
         self.client.close()

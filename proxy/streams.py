@@ -17,6 +17,10 @@ PUT_SIGNAL descriptors, and credits travel back as SIGNAL descriptors.
 The header carries a per-pair sequence number, the operation name and the row width, so ranks
 that call different operations, or the same one with different shapes, get an error naming the
 peer instead of a hang or a wrong result.
+
+A peer that died can be *dropped* from an exchange started with ``drop_dead`` (rank masking, as
+DeepEP's shrink mode does): the exchange completes without it, counting 0 rows from it, and the
+engine leaves that peer out of every later exchange.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from portep.errors import CommTimeoutError, PortepError
+from portep.errors import CommTimeoutError, PeerFailureError, PortepError
 
 from .descriptor import Descriptor, Op
 from .ring import DescriptorRing, backoff
@@ -165,6 +169,9 @@ class StreamExchange:
     parts: list[np.ndarray | None]
     pending_from: set[int] = field(default_factory=set)  # peers whose message has not all arrived
     pending_to: set[int] = field(default_factory=set)  # peers not yet sent all of their message
+    drop_dead: bool = False  # a dead peer is dropped (0 rows from it) instead of failing the exchange
+    dropped: set[int] = field(default_factory=set)  # peers dropped that way
+    excluded: frozenset[int] = frozenset()  # ranks left out of it from the start (masked)
 
     @property
     def done(self) -> bool:
@@ -183,12 +190,12 @@ class StreamEngine:
 
     def __init__(self, rank: int, window: Window, layout: StreamLayout, channels: dict[int, Channel],
                  ring: DescriptorRing | None, descriptor_queue: list[np.ndarray], timeout_s: float,
-                 check_alive: Callable[[str], None] | None = None,
+                 check_alive: Callable[[StreamExchange], None] | None = None,
                  diagnose: Callable[[], str] | None = None, wake: Callable[[], None] | None = None) -> None:
         self.rank, self.window, self.layout = rank, window, layout
         self.channels, self.ring, self.timeout_s = channels, ring, timeout_s
         self.queue = descriptor_queue
-        self.check_alive = check_alive or (lambda op: None)
+        self.check_alive = check_alive or (lambda exchange: None)
         self.diagnose = diagnose or (lambda: "")
         self.wake = wake or (lambda: None)
         world = layout.world
@@ -200,24 +207,36 @@ class StreamEngine:
         self.incoming: dict[int, deque[_Incoming]] = {p: deque() for p in range(world)}
         self.chunks_written = 0
         self.chunks_read = 0
+        self.gone: dict[int, str] = {}  # peers dropped after they died, and why
 
     # ------------------------------------------------------------------ starting
     def start(self, peers: list[int], rows: np.ndarray, send_counts: Sequence[int],
-              recv_counts: Sequence[int] | None, op: str) -> StreamExchange:
+              recv_counts: Sequence[int] | None, op: str, drop_dead: bool = False,
+              excluded: frozenset[int] = frozenset()) -> StreamExchange:
         """Queue ``rows`` (uint8 ``[sum(send_counts), row_bytes]``, grouped by destination in the
-        order of ``peers``) and expect one message from every peer; returns at once."""
+        order of ``peers``) and expect one message from every peer; returns at once.
+
+        ``drop_dead``: peers dropped earlier are skipped (0 rows each way) instead of failing.
+        ``excluded``: ranks the caller left out of ``peers`` (their failures do not concern it)."""
         row_bytes = rows.shape[1] if rows.ndim == 2 else 0
         flat = rows.reshape(-1)
         if self.rank not in peers:
             raise ValueError(f"{op}: rank {self.rank} is not among the exchange's ranks {peers}")
         counts_in: list[int | None] = list(recv_counts) if recv_counts is not None else [None] * len(peers)
-        exchange = StreamExchange(op, peers, row_bytes, counts_in, [None] * len(peers))
+        gone = [p for p in peers if p in self.gone]
+        if gone and not drop_dead:
+            raise PeerFailureError(op, gone, causes={p: self.gone[p] for p in gone})
+        exchange = StreamExchange(op, peers, row_bytes, counts_in, [None] * len(peers), drop_dead=drop_dead,
+                                  excluded=excluded)
         offsets = np.concatenate([[0], np.cumsum(send_counts)]).astype(np.int64) * row_bytes
         for index, peer in enumerate(peers):
             payload = flat[offsets[index] : offsets[index + 1]]
             if peer == self.rank:
                 exchange.parts[index] = payload.copy()
                 exchange.recv_counts[index] = send_counts[index]
+                continue
+            if peer in self.gone:
+                self._mark_dropped(exchange, index)
                 continue
             header = np.zeros(1, dtype=HEADER_DTYPE)
             header[0] = (MAGIC, self.send_seq[peer], row_bytes, payload.size, op.encode()[:40])
@@ -328,12 +347,34 @@ class StreamEngine:
             now = time.monotonic()
             if now - last_check > LIVENESS_PERIOD_S:
                 last_check = now
-                self.check_alive(exchange.op)
+                self.check_alive(exchange)
                 if now - start > self.timeout_s:
                     raise self._timeout(exchange)
             backoff(idle)
             idle += 1
         return exchange.result()
+
+    # ------------------------------------------------------------------ dead peers
+    def drop(self, peers: Iterable[int], causes: Mapping[int, str]) -> None:
+        """Give up on dead ``peers``: exchanges started with ``drop_dead`` complete without them;
+        other exchanges waiting on them stay pending (their liveness check fails them)."""
+        for peer in peers:
+            self.gone[peer] = causes.get(peer, "dead")
+            waiting = {id(i.exchange): i.exchange for i in [*self.outgoing[peer], *self.incoming[peer]]}
+            self.outgoing[peer].clear()
+            self.incoming[peer].clear()
+            for exchange in waiting.values():
+                if exchange.drop_dead:
+                    self._mark_dropped(exchange, exchange.peers.index(peer))
+
+    @staticmethod
+    def _mark_dropped(exchange: StreamExchange, index: int) -> None:
+        peer = exchange.peers[index]
+        exchange.pending_from.discard(peer)
+        exchange.pending_to.discard(peer)
+        exchange.dropped.add(peer)
+        exchange.recv_counts[index] = 0
+        exchange.parts[index] = np.zeros(0, dtype=np.uint8)
 
     def drain(self, timeout_s: float, skip: Collection[int] = ()) -> list[int]:
         """Progress until every peer but ``skip`` has consumed every chunk sent to it (its credits
@@ -341,7 +382,7 @@ class StreamEngine:
         deadline = time.monotonic() + timeout_s
         idle = 0
         while True:
-            owing = [p for p in range(self.layout.world) if p not in skip and p != self.rank
+            owing = [p for p in range(self.layout.world) if p not in skip and p != self.rank and p not in self.gone
                      and int(self.window.signals[self.layout.credit_signal(p)]) < self.sent[p]]
             if not owing or time.monotonic() > deadline:
                 return owing

@@ -326,7 +326,7 @@ class Buffer:
             per_expert = torch.bincount(recv_topk_idx[mine], minlength=local_experts)
         else:
             # Selections every rank sends to this rank's experts.
-            per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op).sum(0)
+            per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op)[0].sum(0)
         counts = ((per_expert + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
         handle = ht.HTHandle(buffer_id=self.buffer_id, num_tokens=num_tokens, hidden=data.size(1),
                              is_token_in_rank=is_token_in_rank, num_recv_tokens_per_expert_list=counts, **maps)
@@ -475,7 +475,7 @@ class Buffer:
         self._ll_layout(op, num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
         call = ll.LLDispatch(self._backend, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                             round_scale, use_ue8m0, self._masked(), op)
+                             round_scale, use_ue8m0, self._masked(), op, drop_dead=self.enable_shrink)
         self._flip_half()
         out = call.out
         handle = ll.LowLatencyHandle(out.src_info, out.layout_range, num_max_dispatch_tokens_per_rank, hidden,
@@ -556,7 +556,8 @@ class Buffer:
         layout = self._ll_layout(op, num_max_tokens, hidden, num_experts)
         source = layout.combine_send_view(self._rdma_buffer, self._ll_half) if zero_copy else x
 
-        call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op)
+        call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,
+                            drop_dead=self.enable_shrink)
         self._flip_half()
         result = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
 

@@ -76,7 +76,7 @@ class LLDispatch:
 
     def __init__(self, comm: CommBackend, x: torch.Tensor, topk_idx: torch.Tensor, num_max_tokens: int,
                  num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, masked: torch.Tensor,
-                 op: str = "low_latency_dispatch") -> None:
+                 op: str = "low_latency_dispatch", drop_dead: bool = False) -> None:
         self.comm, self.op, self.masked = comm, op, masked.to(x.device)
         num_ranks = comm.topology.num_ranks
         local_experts, hidden = num_experts // num_ranks, x.size(1)
@@ -100,13 +100,15 @@ class LLDispatch:
         # disagree fail here, naming each other), then the rows, left in flight.
         exclude = frozenset(masked.nonzero().flatten().tolist())
         shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int64, device=x.device)
-        got = comm.exchange_counts(torch.cat([shape.expand(num_ranks, -1), counts], 1), op, exclude)
-        _check_same_shape(op, comm.topology.rank, got[:, : shape.numel()], shape, exclude)
+        got, dropped = comm.exchange_counts(torch.cat([shape.expand(num_ranks, -1), counts], 1), op, exclude,
+                                            drop_dead)
+        _check_same_shape(op, comm.topology.rank, got[:, : shape.numel()], shape, exclude | dropped)
         self.arriving = got[:, shape.numel():]
-        self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
+        self._mask_dropped(dropped)
+        # Rows for a rank dropped during the counts are not sent: the backend skips dropped ranks.
         self.pending: PendingExchange = comm.start_exchange(
             kernels.pack_rows(self.format, tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world",
-            op, exclude)
+            op, exclude, drop_dead)
 
         slots = num_ranks * num_max_tokens
         scales_out = None
@@ -123,6 +125,13 @@ class LLDispatch:
         )
         self.done = False
 
+    def _mask_dropped(self, dropped: frozenset[int]) -> None:
+        """Mask ranks dropped after they died (shrink mode), as if masked from the start."""
+        if dropped:
+            self.masked = self.masked.clone()
+            self.masked[sorted(dropped)] = True
+        self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
+
     def recv(self, cumulative_stats: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> None:
         """Wait for the rows and lay them out expert-major into the output tensors."""
         if self.done:
@@ -130,8 +139,10 @@ class LLDispatch:
         started = time.perf_counter_ns()
         rows = self.pending.wait()
         waited = time.perf_counter_ns() - started
-        if self.masked.any():
-            rows = rows[~self.masked.repeat_interleave(self.arriving.sum(1))]
+        self._mask_dropped(self.pending.dropped)
+        if self.masked.any():  # rows that masked ranks sent anyway (backends that cannot leave them out)
+            got = torch.tensor(self.pending.recv_counts, device=self.masked.device)
+            rows = rows[~self.masked.repeat_interleave(got)]
         kernels = self.kernels
         received = kernels.unpack_rows(self.format, rows)
         expert, slot, begin = kernels.ll_recv_slots(self.recv_counts)
@@ -156,7 +167,7 @@ class LLCombine:
 
     def __init__(self, comm: CommBackend, expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  handle: LowLatencyHandle, use_logfmt: bool, masked: torch.Tensor,
-                 op: str = "low_latency_combine") -> None:
+                 op: str = "low_latency_combine", drop_dead: bool = False) -> None:
         self.comm, self.op = comm, op
         num_ranks = comm.topology.num_ranks
         _, layout_range, _, hidden, num_experts = handle
@@ -178,12 +189,13 @@ class LLCombine:
         expected = counts.sum(1)
         wrong: list[int] = []
         # With masks, ranks may disagree on who is cut off: learn the counts instead of assuming them.
+        self.expected = expected
         self.pending = comm.start_exchange(rows, per_source.tolist(), None if masked.any() else expected.tolist(),
-                                           "world", op, frozenset(masked.nonzero().flatten().tolist()))
+                                           "world", op, frozenset(masked.nonzero().flatten().tolist()), drop_dead)
         if masked.any() and self.pending.recv_counts != expected.tolist():
             self.pending.wait()  # some backends learn the counts only with the rows
             wrong = [r for r, (a, b) in enumerate(zip(self.pending.recv_counts, expected.tolist(), strict=True))
-                     if a != b]
+                     if a != b and r not in self.pending.dropped]
         if masked.any() and wrong:
             raise ValueError(f"{op}: rank(s) {wrong} sent back a different number of rows than were dispatched "
                              "to them; are the rank masks the same on every rank?")
@@ -196,6 +208,10 @@ class LLCombine:
         started = time.perf_counter_ns()
         rows = self.pending.wait()
         waited = time.perf_counter_ns() - started
+        if self.pending.dropped:  # ranks that died in flight (shrink mode): their rows never came
+            source = torch.arange(self.expected.numel(), device=self.expected.device).repeat_interleave(self.expected)
+            keep = ~torch.isin(source, torch.tensor(sorted(self.pending.dropped), device=source.device))
+            self.token, self.weights = self.token[keep], self.weights[keep]
         if self.use_logfmt:
             values = self.kernels.logfmt_decode(rows, self.hidden)
         else:

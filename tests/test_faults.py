@@ -54,3 +54,12 @@ def test_shrink_masks_a_dead_rank_and_survivors_combine_correctly(tmp_path: Path
     for rank, outcome in survivors_outcomes(tasks_faults.shrink_after_death, tmp_path, victim).items():
         assert outcome["mask"] == [int(r == victim) for r in range(WORLD)], (rank, outcome)
         assert all(d < 1e-5 for d in outcome["diffs"]), (rank, outcome)
+
+
+@pytest.mark.parametrize(("phase", "victim"), [("dispatch", 2), ("combine", 1)])
+def test_shrink_drops_a_rank_that_dies_during_the_call(tmp_path: Path, phase: str, victim: int) -> None:
+    outcomes = survivors_outcomes(tasks_faults.shrink_in_flight, tmp_path, victim, phase=phase)
+    for rank, outcome in outcomes.items():
+        assert outcome["mask"] == [int(r == victim) for r in range(WORLD)], (rank, outcome)
+        assert all(d < 1e-5 for d in outcome["diffs"]), (rank, outcome)
+        assert outcome["elapsed"] < DETECT_WITHIN_S, (rank, outcome)
