@@ -191,7 +191,7 @@ class RingBackend(CommBackend):
         me, ignored = self.topology.rank, exchange.excluded | self.engine.gone.keys()
         dead = {r: how for r, how in self.dead_ranks().items() if r != me and r not in ignored}
         if dead and exchange.drop_dead:
-            self.engine.drop(dead, dead)
+            self.engine.drop(dead)
         elif dead:
             raise PeerFailureError(op, dead, causes=dead)
         now = time.monotonic()
@@ -229,11 +229,7 @@ class RingBackend(CommBackend):
         that leaves first does not cut off its last message — then stop the proxy and unmap."""
         if self.failed is None and self._finalizer.alive:
             try:
-                dead = set(self.dead_ranks())
-            except PortepError:
-                dead = set(range(self.layout.world))  # no control plane: nobody to wait for
-            try:
-                self.engine.drain(min(self.timeout_s, CLOSE_DRAIN_S), skip=dead)
+                self.engine.drain(min(self.timeout_s, CLOSE_DRAIN_S), skip=self.dead_ranks().keys())
             except PortepError:
                 pass  # a broken stream: there is nothing left to deliver
         self._finalizer()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,11 +355,12 @@ class StreamEngine:
         return exchange.result()
 
     # ------------------------------------------------------------------ dead peers
-    def drop(self, peers: Iterable[int], causes: Mapping[int, str]) -> None:
-        """Give up on dead ``peers``: exchanges started with ``drop_dead`` complete without them;
-        other exchanges waiting on them stay pending (their liveness check fails them)."""
-        for peer in peers:
-            self.gone[peer] = causes.get(peer, "dead")
+    def drop(self, dead: Mapping[int, str]) -> None:
+        """Give up on the ``dead`` peers (rank: how its death was seen): exchanges started with
+        ``drop_dead`` complete without them; others waiting on them stay pending (their liveness
+        check fails them)."""
+        for peer, cause in dead.items():
+            self.gone[peer] = cause
             waiting = {id(i.exchange): i.exchange for i in [*self.outgoing[peer], *self.incoming[peer]]}
             self.outgoing[peer].clear()
             self.incoming[peer].clear()
