@@ -269,6 +269,7 @@ def test_kernel_descriptors_drive_the_proxy() -> None:
     """PUT / PUT_SIGNAL descriptors from a kernel, through Proxy and a reordering loopback fabric."""
     from portep.backends.loopback import Faults, LoopbackFabric
     from portep.proxy.loop import Proxy
+    from tests.test_proxy import assert_reversed_tokens_landed
 
     num_tokens, token_bytes, region = 4096, 64, 1 << 18
     fabric = LoopbackFabric(Faults(reorder=True, seed=11))
@@ -294,12 +295,7 @@ def test_kernel_descriptors_drive_the_proxy() -> None:
             assert time.monotonic() < deadline, f"proxy got {proxy.stats.descriptors} of {num_tokens}"
             proxy.step()
         push.wait()
-    while fabric.in_flight():
-        ends[1].poll()
-    assert ends[1].signals.values[0] == num_tokens // 8
-    src = ends[0].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    dst = ends[1].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    np.testing.assert_array_equal(dst[::-1], src)
+    assert_reversed_tokens_landed(fabric, ends, num_tokens, token_bytes)
 
 
 def _push_from_process(name: str, rank: int, count: int) -> None:

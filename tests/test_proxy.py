@@ -59,6 +59,17 @@ def _token_descriptors(num_tokens: int, token_bytes: int) -> np.ndarray:
     return records(*descs)
 
 
+def assert_reversed_tokens_landed(fabric: LoopbackFabric, ends: list, num_tokens: int, token_bytes: int) -> None:
+    """Deliver what is in flight, then check rank 1 holds rank 0's tokens in reverse order, with
+    one signal per 8 tokens (the pattern of :func:`_token_descriptors`)."""
+    while fabric.in_flight():
+        ends[1].poll()
+    assert ends[1].signals.values[0] == num_tokens // 8
+    src = ends[0].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
+    dst = ends[1].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
+    np.testing.assert_array_equal(dst[::-1], src)
+
+
 @pytest.mark.timeout(60)
 def test_proxy_thread_delivers_through_a_reordering_fabric() -> None:
     num_tokens, token_bytes = 64, 700
@@ -110,12 +121,7 @@ def test_descriptors_from_another_process_reach_the_peer() -> None:
             proxy.step()
         proc.join(timeout=30)
         assert proc.exitcode == 0
-    while fabric.in_flight():
-        ends[1].poll()
-    assert ends[1].signals.values[0] == num_tokens // 8
-    src = ends[0].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    dst = ends[1].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    np.testing.assert_array_equal(dst[::-1], src)
+    assert_reversed_tokens_landed(fabric, ends, num_tokens, token_bytes)
 
 
 def test_unknown_version_in_ring_is_an_error() -> None:
