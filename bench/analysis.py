@@ -7,7 +7,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from portep.costmodel import LinkFit, crossover, fit_round_trip, min_overlap_batch
+from portep.costmodel import (
+    MIN_FIT_POINTS,
+    MIN_FIT_R2,
+    LinkFit,
+    crossover,
+    crossover_problems,
+    fit_problems,
+    fit_round_trip,
+    min_overlap_batch,
+    overlap_problems,
+)
 
 OPS = ("dispatch", "combine")
 
@@ -117,8 +127,9 @@ def series_key(rt: RoundTrip) -> tuple[str, str, str]:
 
 
 def fits(trips: Sequence[RoundTrip]) -> dict[tuple[str, str, str], LinkFit]:
-    """``t = 2(L + V/BW)`` per series (those with two distinct payloads or more), fitted on relative error:
-    the sweep spans decades of payload, and ``L`` is set by its small end."""
+    """``t = 2(L + V/BW)`` per series (those with two distinct payloads or more), fitted on relative error
+    with ``L >= 0``: the sweep spans decades of payload, and ``L`` is set by its small end. Series with
+    fewer than ``MIN_FIT_POINTS`` points are fitted too, and flagged by :func:`fit_record`."""
     series: dict[tuple[str, str, str], list[RoundTrip]] = defaultdict(list)
     for rt in trips:
         series[series_key(rt)].append(rt)
@@ -129,23 +140,50 @@ def fits(trips: Sequence[RoundTrip]) -> dict[tuple[str, str, str], LinkFit]:
     return out
 
 
+def fit_record(key: tuple[str, str, str], fit: LinkFit) -> dict:
+    """One fit as recorded in ``bench.json``: its figures, the bound it rests on, and why it is not a result."""
+    problems = fit_problems(fit)
+    return {"impl": key[0], "backend": key[1], "mode": key[2], "latency_us": fit.latency_us,
+            "bandwidth_GBps": fit.bandwidth_GBps, "r2": fit.r2, "points": fit.samples,
+            "constraint": fit.constraint, "result": not problems, "problems": problems}
+
+
+def validation_rules() -> dict:
+    """The thresholds a figure must pass to be reported as a result (recorded in ``bench.json``)."""
+    from . import machine
+
+    return {"fit_min_r2": MIN_FIT_R2, "fit_min_points": MIN_FIT_POINTS, "fit_bounds": "L >= 0, BW > 0",
+            "min_overlap_batch": "at least 1 token per rank (B >= P)",
+            "c_tok": {"statistic": "median of repeats after warm-up", "max_spread": machine.MAX_SPREAD,
+                      "min_repeats": machine.MIN_REPEATS, "min_flops_per_s": machine.MIN_FLOPS,
+                      "max_flops_per_s_per_thread": machine.MAX_FLOPS_PER_THREAD},
+            "copy_bandwidth_Bps": list(machine.COPY_BOUNDS_BPS)}
+
+
 def model_summary(fitted: dict[tuple[str, str, str], LinkFit], c_tok_s: float, gamma: float, ranks: int, topk: int,
-                  hidden: int, fp8_dispatch: bool) -> list[dict]:
-    """Per implementation and backend: the LL/HT crossover and the minimum batch for dual-batch overlap."""
+                  hidden: int, fp8_dispatch: bool, c_tok_problems: Sequence[str] = ()) -> list[dict]:
+    """Per implementation and backend: the LL/HT crossover and the minimum batch for dual-batch overlap.
+
+    Each figure carries ``problems``: why it is not a result (its fits', ``c_tok_problems``, a batch
+    below one token per rank); ``result`` is True when there are none.
+    """
     out = []
     for impl, backend in sorted({(k[0], k[1]) for k in fitted if k[2] != "a2a"}):
         ll, ht = fitted.get((impl, backend, "LL")), fitted.get((impl, backend, "HT"))
         entry: dict = {"impl": impl, "backend": backend}
         if ll and ht:
             cr = crossover(ll, ht)
+            problems = crossover_problems(ll, ht)
             entry["crossover"] = {"payload_bytes": cr.payload_bytes, "below": cr.below, "above": cr.above,
-                                  "note": cr.note}
+                                  "note": cr.note, "result": not problems, "problems": problems}
         for mode, link in (("LL", ll), ("HT", ht)):
             if link is None:
                 continue
             ob = min_overlap_batch(link, c_tok_s, gamma, ranks, topk, hidden, 1.0 if fp8_dispatch else 2.0, 2.0)
+            problems = overlap_problems(ob, link, c_tok_problems, f"{mode} fit", ranks)
             entry[f"overlap_{mode}"] = {"min_batch": ob.min_batch, "feasible": ob.feasible,
                                         "compute_per_token_s": ob.compute_per_token_s,
-                                        "comm_per_token_s": ob.comm_per_token_s}
+                                        "comm_per_token_s": ob.comm_per_token_s,
+                                        "result": not problems, "problems": problems}
         out.append(entry)
     return out

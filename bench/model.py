@@ -21,9 +21,12 @@ from portep.costmodel import (
     compute_time,
     crossover,
     min_overlap_batch,
+    overlap_problems,
     payload_per_rank,
     round_trip_time,
 )
+
+from .report import verdict
 
 WORKED_EXAMPLE = {
     "l_ll_us": 35.0, "l_ht_us": 120.0, "bw_ll_gbps": 22.0, "bw_ht_gbps": 44.0, "c_tok_us": 1.8, "gamma": 1.1,
@@ -78,8 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=ex["batch"], help="global batch B (tokens) to evaluate")
 
 
+def _batch_value(value: float) -> str:
+    if value == float("inf"):
+        return "impossible"
+    return f"{value:,.1f}" if value >= 1 else f"{value:.2g}"
+
+
 def _fmt_batch(value: float) -> str:
-    return "impossible" if value == float("inf") else f"{value:,.1f}"
+    """A minimum batch for the what-if table; one below a token is marked as no result."""
+    return _batch_value(value) + (" (< 1 token: not a result)" if value < 1 else "")
+
+
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """Inputs outside the model's domain (negative latency, non-positive bandwidth or c_tok)."""
+    problems = [f"{name} L = {value:g} us < 0" for name, value in (("LL", args.l_ll_us), ("HT", args.l_ht_us))
+                if value < 0]
+    problems += [f"{name} BW = {value:g} GB/s <= 0" for name, value in (("LL", args.bw_ll_gbps),
+                                                                         ("HT", args.bw_ht_gbps)) if value <= 0]
+    if args.c_tok_us <= 0:
+        problems.append(f"c_tok = {args.c_tok_us:g} us <= 0")
+    return problems
 
 
 def report(args: argparse.Namespace) -> str:
@@ -91,7 +112,8 @@ def report(args: argparse.Namespace) -> str:
         "portep model: t = 2(L + V/BW) per mode; V* = (L_LL - L_HT) / (1/BW_HT - 1/BW_LL); "
         "B >= 2(P/k)L / (gamma*c_tok - 2ds/BW)",
         f"inputs: LL L={args.l_ll_us:g} us BW={args.bw_ll_gbps:g} GB/s | HT L={args.l_ht_us:g} us "
-        f"BW={args.bw_ht_gbps:g} GB/s | c_tok={args.c_tok_us:g} us gamma={args.gamma:g} P={p} k={k} d={d} s={s:g}",
+        f"BW={args.bw_ht_gbps:g} GB/s | c_tok={args.c_tok_us:g} us gamma={args.gamma:g} P={p} k={k} d={d} s={s:g}"
+        f"{verdict(input_problems(args))}",
     ]
     cross = crossover(ll, ht)
     if cross.payload_bytes is None:
@@ -111,7 +133,8 @@ def report(args: argparse.Namespace) -> str:
         ob = min_overlap_batch(best, c_tok, args.gamma, p, k, d, s, s_c)
         lines.append(f"dual-batch overlap{label}: gamma*c_tok = {ob.compute_per_token_s * 1e6:.3f} us/token, "
                      f"wire = {ob.comm_per_token_s * 1e6:.3f} us/token, 2(P/k)L = {ob.numerator_s * 1e6:.0f} us "
-                     f"-> B >= {_fmt_batch(ob.min_batch)} tokens")
+                     f"-> B >= {_batch_value(ob.min_batch)} tokens"
+                     f"{verdict(overlap_problems(ob, ranks=p))}")
     if all(getattr(args, key) == value for key, value in WORKED_EXAMPLE.items()):
         lines.append("worked example of the notes: V* ~ 3.7 MB, B >~ 291 tokens (they round the wire term to "
                      "0.33 us first: 480 / 1.65 = 290.9)")

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from . import analysis, report
 
 if TYPE_CHECKING:
+    from .machine import Measured
     from .workload import Shape
 
 LL_TOKENS = (8, 16, 32, 64, 128)
@@ -62,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--c-tok-us", type=float, default=None,
                         help="expert compute per routed token (us); default: measured here")
     parser.add_argument("--ffn", type=int, default=EXPERT_FFN, help="expert MLP width for measuring c_tok")
+    parser.add_argument("--c-tok-threads", type=int, default=None,
+                        help="torch threads for measuring c_tok (default: a rank's share, CPUs // ranks)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the compared modules")
     parser.add_argument("--quick", action="store_true", help="small sizes and few iterations (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
@@ -144,8 +148,8 @@ def main(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     copy = machine.copy_bandwidth(64 << 20 if quick else 256 << 20)
-    print(f"machine limit: memory copy {copy.value / 1e9:.2f} GB/s (largest of {len(copy.samples_s)} copies of "
-          f"{copy.params['bytes'] >> 20} MiB)")
+    print(f"machine limit: memory copy {copy.value / 1e9:.2f} GB/s{report.verdict(copy.problems)} (largest of "
+          f"{len(copy.samples_s)} copies of {copy.params['bytes'] >> 20} MiB)")
 
     jobs = [(spec, {"PORTEP_BACKEND": name}) for name in names]
     jobs += [(replace(spec, impl=m, module=m, device=args.device), {}) for m in args.compare]
@@ -172,24 +176,23 @@ def main(args: argparse.Namespace) -> int:
     if not points:
         return 1
 
-    if args.c_tok_us is not None:
-        c_tok = machine.Measured(args.c_tok_us * 1e-6, "s/token", [], {"hidden": shape.hidden, "ffn": args.ffn,
-                                                                       "dtype": "given"})
-        source = "given"
-    else:
-        c_tok = machine.expert_cost_per_token(shape.hidden, args.ffn, tokens=32 if quick else 128)
-        source = "measured"
+    c_tok, source = _expert_cost(args, shape.hidden)
     trips = analysis.round_trips(points)
     fitted = analysis.fits(trips)
     summary = analysis.model_summary(fitted, c_tok.value, args.gamma, args.ranks, shape.topk, shape.hidden,
-                                     shape.fp8_dispatch)
+                                     shape.fp8_dispatch, c_tok.problems)
     c_tok_info = {**asdict(c_tok), "source": source}
+    model_text = report.model_lines(summary, c_tok_info, args.gamma, args.ranks, shape.topk)
 
     print()
     print("\n".join(report.results_table(points)))
     print()
     print("\n".join(report.fits_table(fitted)))
-    print("\n".join(report.model_lines(summary, c_tok_info, args.gamma, args.ranks, shape.topk)))
+    print("\n".join(model_text))
+    flagged = sum("not a result:" in line for line in [*report.fits_table(fitted)[1:], *model_text])
+    if flagged:
+        print(f"note: {flagged} line(s) above hold figures marked \"not a result\": they failed the checks "
+              "(fit R^2 and points, c_tok repeats and FLOP rate, batch of at least 1 token per rank)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     title = (f"portep bench: {args.ranks} ranks ({args.ranks // args.ranks_per_node}x{args.ranks_per_node}), "
@@ -207,16 +210,16 @@ def main(args: argparse.Namespace) -> int:
                        "ht_tokens": list(ht_tokens), "min_iters": spec.min_iters, "max_iters": spec.max_iters,
                        "point_budget_s": spec.point_budget_s, "time_budget_s": spec.time_budget_s,
                        "gamma": args.gamma, "note": note, "skipped": skipped,
-                       "fit": "t = 2(L + V/BW) per series, least squares on relative error; V = mean of dispatch "
-                              "and combine bytes per rank, t = median dispatch + median combine",
+                       "fit": "t = 2(L + V/BW) per series, least squares on relative error with L >= 0; V = mean "
+                              "of dispatch and combine bytes per rank, t = median dispatch + median combine",
                        "byte_counting": "DeepEP: LL per selection (FP8 hidden+hidden/128*4+16, BF16 2*hidden); "
                                         "HT per received token copy (BF16 2*hidden, FP8 x (1+4/128)/2)"},
         "limit": {"what": "memory copy (torch Tensor.copy_)", **asdict(copy)},
         "expert_mlp": c_tok_info,
+        "validation": analysis.validation_rules(),
         "points": [p.as_dict() for p in points],
         "round_trips": [asdict(rt) for rt in trips],
-        "fits": [{"impl": k[0], "backend": k[1], "mode": k[2], "latency_us": f.latency_us,
-                  "bandwidth_GBps": f.bandwidth_GBps, "r2": f.r2, "points": f.samples} for k, f in fitted.items()],
+        "fits": [analysis.fit_record(k, f) for k, f in fitted.items()],
         "model": summary,
         "figures": [str(f) for f in figures],
         "failures": failures,
@@ -224,12 +227,24 @@ def main(args: argparse.Namespace) -> int:
     out_json = args.out / "bench.json"
     out_json.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
     out_md = args.out / "summary.md"
-    out_md.write_text(report.markdown_summary(points, fitted))
+    out_md.write_text(report.markdown_summary(points, fitted, model_text))
     written = ", ".join(str(f) for f in (out_json, out_md, *figures))
     print(f"\nwrote {written} ({time.time() - started:.0f} s)")
     if failures:
         print(f"portep bench: {len(failures)} run(s) failed: {', '.join(f['run'] for f in failures)}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _expert_cost(args: argparse.Namespace, hidden: int) -> tuple[Measured, str]:
+    """``c_tok``: given by ``--c-tok-us`` (checked only for sign), or measured with a rank's share of the CPUs."""
+    from . import machine
+
+    if args.c_tok_us is not None:
+        problems = [] if args.c_tok_us > 0 else [f"given c_tok {args.c_tok_us:g} us is not positive"]
+        return machine.Measured(args.c_tok_us * 1e-6, "s/token", [], {"hidden": hidden, "ffn": args.ffn,
+                                                                       "dtype": "given"}, problems), "given"
+    threads = args.c_tok_threads or max(1, (os.cpu_count() or 1) // args.ranks)
+    return machine.expert_cost_per_token(hidden, args.ffn, threads=threads), "measured"
 
 
 def _rank_entry():  # noqa: ANN202 - a module-level function the spawned ranks can import

@@ -21,6 +21,10 @@ Units are SI throughout: seconds, bytes, bytes per second (1 GB = 1e9 B, 1 MB = 
   ``B`` counts tokens across the ``P`` ranks, ``c_tok`` is expert seconds per routed token. ``2 d s``
   charges both directions at ``s`` bytes per element; DeepEP dispatches FP8 (s = 1) but combines
   BF16 (s = 2), which :func:`min_overlap_batch` takes as ``combine_bytes_per_elem``.
+
+Fits are constrained to ``L >= 0`` and ``BW > 0`` (``1/BW >= 0``). :func:`fit_problems`,
+:func:`overlap_problems` and :func:`crossover_problems` say why a figure is not a result (a poor or
+under-determined fit, an implausible batch), so that reports can flag it instead of printing it plainly.
 """
 
 from __future__ import annotations
@@ -30,17 +34,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "MIN_FIT_POINTS",
+    "MIN_FIT_R2",
     "Crossover",
     "LinkFit",
     "OverlapBatch",
     "compute_time",
     "crossover",
+    "crossover_problems",
+    "fit_problems",
     "fit_round_trip",
     "min_overlap_batch",
     "one_way_time",
+    "overlap_problems",
     "payload_per_rank",
     "round_trip_time",
 ]
+
+MIN_FIT_R2 = 0.9  # below this a fit does not describe its points
+MIN_FIT_POINTS = 4  # two parameters from fewer points leave (almost) no residual to judge the model by
 
 
 @dataclass(frozen=True)
@@ -48,16 +60,19 @@ class LinkFit:
     """``(L, BW)`` of one mode, from :func:`fit_round_trip` or given.
 
     Attributes:
-        latency_s: ``L``, seconds per all-to-all (negative only if the data says so).
+        latency_s: ``L``, seconds per all-to-all (``>= 0`` when fitted).
         bandwidth_Bps: ``BW``, bytes/s per direction; ``math.inf`` when time does not grow with payload.
         r2: coefficient of determination of the fit (1.0 for given values).
         samples: number of points fitted (0 for given values).
+        constraint: the bound the fit rests on: ``""`` (none), ``"L = 0"`` (the data asked for a
+            negative latency: best pure-bandwidth fit) or ``"1/BW = 0"`` (time does not grow with payload).
     """
 
     latency_s: float
     bandwidth_Bps: float
     r2: float = 1.0
     samples: int = 0
+    constraint: str = ""
 
     @property
     def latency_us(self) -> float:
@@ -79,7 +94,7 @@ def round_trip_time(payload_bytes: float, link: LinkFit) -> float:
 
 
 def fit_round_trip(payload_bytes: Sequence[float], times_s: Sequence[float], relative: bool = False) -> LinkFit:
-    """Least-squares fit of ``t = 2 (L + V / BW)`` to measured round trips.
+    """Least-squares fit of ``t = 2 (L + V / BW)`` to measured round trips, subject to ``L >= 0, 1/BW >= 0``.
 
     Arguments:
         payload_bytes: ``V`` of each point, bytes per rank per direction.
@@ -87,7 +102,10 @@ def fit_round_trip(payload_bytes: Sequence[float], times_s: Sequence[float], rel
         relative: minimise relative rather than absolute residuals (weights ``1/t^2``), so that
             small payloads, which set ``L``, count as much as large ones when sizes span decades.
 
-    ``r2`` is the coefficient of determination of the minimised (weighted) residuals.
+    When the unconstrained optimum breaks a bound, the best fit on that bound is taken (``L = 0``: the
+    best pure-bandwidth fit; ``1/BW = 0``: a constant time), as the problem is a convex quadratic in
+    ``(2L, 2/BW)``; :attr:`LinkFit.constraint` names the active bound. ``r2`` is the coefficient of
+    determination of the minimised (weighted) residuals, and may be negative for a bounded fit.
 
     Raises:
         ValueError: fewer than two distinct payloads, lengths differ, or a time is not positive with ``relative``.
@@ -98,20 +116,55 @@ def fit_round_trip(payload_bytes: Sequence[float], times_s: Sequence[float], rel
         raise ValueError("fitting L and BW needs at least two distinct payloads")
     if relative and min(times_s) <= 0:
         raise ValueError("a relative fit needs positive times")
-    points = list(zip(payload_bytes, times_s, strict=True))
-    weights = [1 / t**2 if relative else 1.0 for _, t in points]
-    total = sum(weights)
-    mean_v = sum(w * v for w, (v, _) in zip(weights, points, strict=True)) / total
-    mean_t = sum(w * t for w, (_, t) in zip(weights, points, strict=True)) / total
-    sxx = sum(w * (v - mean_v) ** 2 for w, (v, _) in zip(weights, points, strict=True))
-    sxy = sum(w * (v - mean_v) * (t - mean_t) for w, (v, t) in zip(weights, points, strict=True))
-    slope = sxy / sxx  # = 2 / BW
-    intercept = mean_t - slope * mean_v  # = 2 L
-    ss_tot = sum(w * (t - mean_t) ** 2 for w, (_, t) in zip(weights, points, strict=True))
-    ss_res = sum(w * (t - intercept - slope * v) ** 2 for w, (v, t) in zip(weights, points, strict=True))
+    v = list(payload_bytes)
+    t = list(times_s)
+    w = [1 / ti**2 if relative else 1.0 for ti in t]
+    total = sum(w)
+    mean_v = sum(wi * vi for wi, vi in zip(w, v, strict=True)) / total
+    mean_t = sum(wi * ti for wi, ti in zip(w, t, strict=True)) / total
+    sxx = sum(wi * (vi - mean_v) ** 2 for wi, vi in zip(w, v, strict=True))
+    sxy = sum(wi * (vi - mean_v) * (ti - mean_t) for wi, vi, ti in zip(w, v, t, strict=True))
+    svv = sum(wi * vi * vi for wi, vi in zip(w, v, strict=True))
+    svt = sum(wi * vi * ti for wi, vi, ti in zip(w, v, t, strict=True))
+
+    def residual(intercept: float, slope: float) -> float:
+        return sum(wi * (ti - intercept - slope * vi) ** 2 for wi, vi, ti in zip(w, v, t, strict=True))
+
+    # (intercept = 2L, slope = 2/BW, active bound): the free optimum, then the optimum on each bound.
+    candidates: list[tuple[float, float, str]] = []
+    slope = sxy / sxx
+    if slope >= 0 and mean_t - slope * mean_v >= 0:
+        candidates.append((mean_t - slope * mean_v, slope, ""))
+    else:
+        if svv > 0:
+            candidates.append((0.0, max(svt / svv, 0.0), "L = 0"))
+        candidates.append((max(mean_t, 0.0), 0.0, "1/BW = 0"))
+    intercept, slope, bound = min(candidates, key=lambda c: residual(c[0], c[1]))
+    if bound == "" and slope == 0:
+        bound = "1/BW = 0"
+    ss_tot = sum(wi * (ti - mean_t) ** 2 for wi, ti in zip(w, t, strict=True))
+    ss_res = residual(intercept, slope)
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     bandwidth = 2 / slope if slope > 0 else math.inf
-    return LinkFit(latency_s=intercept / 2, bandwidth_Bps=bandwidth, r2=r2, samples=len(points))
+    return LinkFit(latency_s=intercept / 2, bandwidth_Bps=bandwidth, r2=r2, samples=len(v), constraint=bound)
+
+
+def fit_problems(fit: LinkFit, min_r2: float = MIN_FIT_R2, min_points: int = MIN_FIT_POINTS) -> list[str]:
+    """Why ``fit`` is not a result (empty when it is): R^2 below ``min_r2``, fewer than ``min_points``
+    points, or a time that does not grow with payload. Given values (``samples == 0``) are taken as they are."""
+    if fit.samples == 0:
+        return []
+    problems = []
+    if fit.samples < min_points:
+        problems.append(f"{fit.samples} points < {min_points}")
+    if not fit.r2 >= min_r2:  # also catches NaN
+        shown = f"{fit.r2:.2f}"
+        if float(shown) >= min_r2:  # 0.899 must not read "0.90 < 0.9"
+            shown = f"{math.floor(fit.r2 * 1e4) / 1e4:.4f}"
+        problems.append(f"R^2 {shown} < {min_r2:g}")
+    if math.isinf(fit.bandwidth_Bps):
+        problems.append("time does not grow with payload (BW unbounded)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -153,6 +206,11 @@ def crossover(ll: LinkFit, ht: LinkFit) -> Crossover:
     best = "HT" if gap > 0 else "LL"
     reason = "lower latency and higher bandwidth" if v_star < 0 else "higher bandwidth"
     return Crossover(None, best, best, f"no crossover at V > 0: {best} wins everywhere ({reason})")
+
+
+def crossover_problems(ll: LinkFit, ht: LinkFit) -> list[str]:
+    """Why the crossover of ``ll`` and ``ht`` is not a result: the problems of either fit, named by mode."""
+    return [f"{mode} fit: {p}" for mode, fit in (("LL", ll), ("HT", ht)) for p in fit_problems(fit)]
 
 
 def payload_per_rank(batch_tokens: float, ranks: int, topk: int, hidden: int, bytes_per_elem: float) -> float:
@@ -199,3 +257,26 @@ def min_overlap_batch(link: LinkFit, c_tok_s: float, gamma: float, ranks: int, t
     feasible = denominator > 0
     value = max(numerator, 0.0) / denominator if feasible else math.inf
     return OverlapBatch(value, compute, comm, numerator, feasible)
+
+
+def overlap_problems(ob: OverlapBatch, link: LinkFit | None = None, c_tok_problems: Sequence[str] = (),
+                     link_name: str = "fit", ranks: int | None = None) -> list[str]:
+    """Why a minimum overlap batch is not a result: a batch below one token (below one token per rank
+    when ``ranks`` is given: the model spreads ``B`` evenly and cannot split a token), or not a number,
+    a non-positive compute term, the problems of the fit it uses (named ``link_name``) and of ``c_tok``.
+
+    An impossible overlap (``min_batch = inf``) is a result in itself unless its inputs are flagged.
+    """
+    problems = []
+    if math.isnan(ob.min_batch):
+        problems.append("B is not a number")
+    elif ob.min_batch < 1:
+        problems.append(f"B = {ob.min_batch:.2g} < 1 token")
+    elif ranks is not None and ob.min_batch < ranks:
+        problems.append(f"B = {ob.min_batch:.2g} < 1 token per rank (P = {ranks})")
+    if ob.compute_per_token_s <= 0:
+        problems.append("gamma*c_tok is not positive")
+    if link is not None:
+        problems += [f"{link_name}: {p}" for p in fit_problems(link)]
+    problems += [f"c_tok: {p}" for p in c_tok_problems]
+    return problems
