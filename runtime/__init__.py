@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
     from .buffer import Buffer
     from .config import Config
-    from .event import EventOverlap
+    from .event import EventHandle, EventOverlap
 
     topk_idx_t: torch.dtype
 
 # Imported on first use, so that processes that need only part of portep (the proxy, which never
 # touches torch) start fast.
-_LAZY = {"Buffer": ".buffer", "Config": ".config", "EventOverlap": ".event"}
+_LAZY = {"Buffer": ".buffer", "Config": ".config", "EventHandle": ".event", "EventOverlap": ".event"}
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +43,7 @@ __all__ = [
     "Buffer",
     "CommTimeoutError",
     "Config",
+    "EventHandle",
     "EventOverlap",
     "PeerFailureError",
     "PortepError",
@@ -53,8 +54,26 @@ __all__ = [
 ]
 
 
+# DeepEP's module layout and the portep modules behind it: ``import deep_ep.utils`` and the others
+# must find these (not load a second copy of a portep module under a ``deep_ep`` name).
+_DEEP_EP_MODULES = {
+    "deep_ep": "portep",
+    "deep_ep.buffer": "portep.buffer",
+    "deep_ep.utils": "portep.utils",
+    "deep_ep_cpp": "portep.deep_ep_cpp",
+}
+
+
 def install_deep_ep_alias() -> None:
-    """Make ``import deep_ep`` return portep in this process (the in-process form of the shim)."""
+    """Make ``deep_ep`` (with ``deep_ep.buffer`` and ``deep_ep.utils``) and ``deep_ep_cpp`` resolve
+    to portep in this process (the in-process form of the shim).
+
+    Does nothing if another ``deep_ep`` (the real DeepEP) is already imported.
+    """
+    import importlib
     import sys
 
-    sys.modules.setdefault("deep_ep", sys.modules[__name__])
+    if sys.modules.setdefault("deep_ep", sys.modules[__name__]) is not sys.modules[__name__]:
+        return
+    for alias, target in _DEEP_EP_MODULES.items():
+        sys.modules[alias] = importlib.import_module(target)
