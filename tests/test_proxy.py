@@ -1,134 +1,119 @@
-"""The proxy drains rings into a transport: coalescing, order-independent signals, stats."""
+"""The compiled proxy thread: it drains rings into a transport, coalesces contiguous puts, applies a
+signal only with its bytes, serves several Buffers' endpoints at once, and a broken link to one peer
+fails that peer only."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from portep.backends.loopback import Faults, LoopbackFabric
-from portep.proxy.descriptor import DESCRIPTOR_DTYPE, Descriptor, Op
-from portep.proxy.loop import Proxy, coalesce
-from portep.proxy.ring import DescriptorRing
+from portep.native.engine import Proxy, Ring, Window
+from portep.proxy.descriptor import Descriptor, Op
 
-REGION = 1 << 16
+DATA = 1 << 16
 
 
 def records(*descs: Descriptor) -> np.ndarray:
     return np.concatenate([d.to_record() for d in descs])
 
 
-def test_coalesce_merges_contiguous_puts_into_the_signal() -> None:
-    batch = records(
-        Descriptor(Op.PUT, 1, src_offset=0, dst_offset=100, length=10),
-        Descriptor(Op.PUT, 1, src_offset=10, dst_offset=110, length=10),
-        Descriptor(Op.PUT_SIGNAL, 1, src_offset=20, dst_offset=120, length=5, signal_slot=3, signal_value=2),
-        Descriptor(Op.PUT, 1, src_offset=25, dst_offset=125, length=5),  # after a signal: not merged back
-        Descriptor(Op.PUT, 2, src_offset=30, dst_offset=130, length=5),  # other peer
-        Descriptor(Op.PUT, 2, src_offset=40, dst_offset=135, length=5),  # source not contiguous
-    )
-    assert coalesce(batch) == [
-        (Op.PUT_SIGNAL, 1, 0, 100, 25, 3, 2),
-        (Op.PUT, 1, 25, 125, 5, 0, 0),
-        (Op.PUT, 2, 30, 130, 5, 0, 0),
-        (Op.PUT, 2, 40, 135, 5, 0, 0),
-    ]
+def wait_for(condition, timeout_s: float = 5.0, what: str = "") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
 
 
-def _pair(faults: Faults) -> tuple[LoopbackFabric, list]:
-    fabric = LoopbackFabric(faults)
-    rng = np.random.default_rng(faults.seed)
-    ends = [fabric.endpoint(r, chunk_bytes=512) for r in range(2)]
-    for end in ends:
-        end.register(rng.integers(0, 256, REGION, dtype=np.uint8), num_signal_slots=8)
-        for peer in ends:
-            end.connect(peer.rank, peer.address())
-    return fabric, ends
+class Node:
+    """One endpoint of a shared proxy: a window and a ring, peers = the given windows by rank."""
+
+    def __init__(self, proxy: Proxy, windows: list[Window], ring: Ring, window: Window) -> None:
+        self.proxy, self.ring, self.window = proxy, ring, window
+        self.endpoint, _ = proxy.add_endpoint(ring, window, len(windows))
+        peer = proxy.connect(proxy.address())
+        for rank, target in enumerate(windows):
+            _, key = target.name, target.name.encode()
+            proxy.set_rank(self.endpoint, rank, peer, key)
+
+    def push(self, recs: np.ndarray) -> None:
+        assert self.ring.push(recs) == recs.size
+        self.proxy.wake()
 
 
-def _token_descriptors(num_tokens: int, token_bytes: int) -> np.ndarray:
-    """Tokens 0..n-1 of rank 0 to rank 1 (reversed destination order), one signal per 8 tokens."""
-    descs = []
-    for t in range(num_tokens):
-        op = Op.PUT_SIGNAL if t % 8 == 7 else Op.PUT
-        descs.append(Descriptor(op, 1, src_offset=t * token_bytes, dst_offset=(num_tokens - 1 - t) * token_bytes,
-                                length=token_bytes, signal_slot=0, signal_value=1 if op == Op.PUT_SIGNAL else 0))
-    return records(*descs)
+@pytest.fixture
+def proxy() -> Iterator[Proxy]:
+    p = Proxy("shm")
+    yield p
+    p.destroy()
 
 
-def assert_reversed_tokens_landed(fabric: LoopbackFabric, ends: list, num_tokens: int, token_bytes: int) -> None:
-    """Deliver what is in flight, then check rank 1 holds rank 0's tokens in reverse order, with
-    one signal per 8 tokens (the pattern of :func:`_token_descriptors`)."""
-    while fabric.in_flight():
-        ends[1].poll()
-    assert ends[1].signals.values[0] == num_tokens // 8
-    src = ends[0].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    dst = ends[1].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    np.testing.assert_array_equal(dst[::-1], src)
+@contextmanager
+def nodes(proxy: Proxy, num_windows: int, num_nodes: int) -> Iterator[tuple[list[Window], list[Node]]]:
+    """``num_windows`` windows (ranks) and endpoints for the first ``num_nodes`` of them; everything
+    is removed and unmapped on exit, the endpoints first (the proxy thread reads their rings)."""
+    windows = [Window.create(8, DATA) for _ in range(num_windows)]
+    rings = [Ring.create(4096) for _ in range(num_nodes)]
+    made: list[Node] = []
+    try:
+        made.extend(Node(proxy, windows, ring, windows[i]) for i, ring in enumerate(rings))
+        yield windows, made
+    finally:
+        for node in made:
+            proxy.remove_endpoint(node.endpoint, 2.0)
+        for item in [*rings, *windows]:
+            item.close()
 
 
-@pytest.mark.timeout(60)
-def test_proxy_thread_delivers_through_a_reordering_fabric() -> None:
-    num_tokens, token_bytes = 64, 700
-    fabric, ends = _pair(Faults(reorder=True, max_delay_polls=3, seed=7))
-    with DescriptorRing.create(16) as ring:
-        sender = Proxy([ring], ends[0])
-        with DescriptorRing.create(2) as idle_ring:
-            receiver = Proxy([idle_ring], ends[1])
-            threads = [threading.Thread(target=p.run, kwargs={"stop_after_s": 30}) for p in (sender, receiver)]
-            for thread in threads:
-                thread.start()
-            try:
-                ring.push(_token_descriptors(num_tokens, token_bytes), timeout_s=10)  # 64 through 16 slots
-                deadline = time.monotonic() + 20
-                while ends[1].signals.values[0] < num_tokens // 8:
-                    assert time.monotonic() < deadline, f"signal at {ends[1].signals.values[0]}"
-                    time.sleep(0.001)
-            finally:
-                for p in (sender, receiver):
-                    p.stop()
-                for thread in threads:
-                    thread.join(timeout=10)
-    src = ends[0].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    dst = ends[1].region[: num_tokens * token_bytes].reshape(num_tokens, token_bytes)
-    np.testing.assert_array_equal(dst[::-1], src)
-    assert sender.stats.descriptors == num_tokens
-    assert sender.stats.signals_posted == num_tokens // 8
-    assert sender.stats.bytes_posted == num_tokens * token_bytes
-    assert fabric.in_flight() == 0
+def test_puts_and_signals_land_and_coalesce(proxy: Proxy) -> None:
+    with nodes(proxy, 2, 1) as (windows, (node,)):
+        src = windows[0]
+        src.data[:4096] = np.arange(4096) % 251
+        node.push(records(
+            Descriptor(Op.PUT, 1, src_offset=0, dst_offset=1000, length=100),
+            Descriptor(Op.PUT, 1, src_offset=100, dst_offset=1100, length=100),
+            Descriptor(Op.PUT_SIGNAL, 1, src_offset=200, dst_offset=1200, length=50, signal_slot=3, signal_value=2),
+            Descriptor(Op.SIGNAL, 1, signal_slot=5, signal_value=7),
+            Descriptor(Op.PUT, 1, src_offset=300, dst_offset=3000, length=10),
+        ))
+        wait_for(lambda: windows[1].signals[5] == 7 and windows[1].data[3009] == src.data[309], what="delivery")
+        assert windows[1].signals[3] == 2
+        np.testing.assert_array_equal(windows[1].data[1000:1250], src.data[:250])
+        stats = proxy.stats()
+        assert stats["descriptors"] == 5 and stats["coalesced"] == 2, stats
+        assert stats["transport_bytes"] == 260 and stats["transport_signals"] == 2, stats
 
 
-def _push_from_process(name: str, num_tokens: int, token_bytes: int) -> None:
-    ring = DescriptorRing.attach(name)
-    ring.push(_token_descriptors(num_tokens, token_bytes), timeout_s=30)
-    ring.close()
+def test_a_signal_is_never_seen_before_its_bytes(proxy: Proxy) -> None:
+    with nodes(proxy, 2, 1) as (windows, (node,)):
+        rng = np.random.default_rng(3)
+        for round_ in range(1, 200):
+            size = int(rng.integers(1, 4096))
+            windows[0].data[:size] = round_ % 256
+            node.push(Descriptor(Op.PUT_SIGNAL, 1, 0, 8192, size, signal_slot=1, signal_value=1).to_record())
+            wait_for(lambda r=round_: windows[1].signals[1] >= r, what=f"round {round_}")
+            assert (windows[1].data[8192 : 8192 + size] == round_ % 256).all(), f"round {round_}: stale bytes"
 
 
-@pytest.mark.timeout(60)
-def test_descriptors_from_another_process_reach_the_peer() -> None:
-    num_tokens, token_bytes = 256, 64
-    fabric, ends = _pair(Faults(reorder=True, seed=3))
-    with DescriptorRing.create(32) as ring:
-        proc = mp.get_context("spawn").Process(target=_push_from_process, args=(ring.name, num_tokens, token_bytes))
-        proc.start()
-        proxy = Proxy([ring], ends[0], max_batch=16)
-        deadline = time.monotonic() + 30
-        while proxy.stats.descriptors < num_tokens:
-            assert time.monotonic() < deadline, f"proxy got {proxy.stats.descriptors} descriptors"
-            proxy.step()
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    assert_reversed_tokens_landed(fabric, ends, num_tokens, token_bytes)
+def test_one_proxy_serves_several_endpoints_and_a_broken_link_fails_its_rank_alone(proxy: Proxy) -> None:
+    with nodes(proxy, 3, 2) as (windows, (a, b)):
+        proxy.break_rank(a.endpoint, 2)
+        a.push(Descriptor(Op.SIGNAL, 2, signal_slot=0, signal_value=1).to_record())
+        wait_for(lambda: proxy.rank_failure(a.endpoint, 2) is not None, what="rank 2 marked failed")
+        assert "rank 2" in proxy.rank_failure(a.endpoint, 2)
+        assert proxy.rank_failure(a.endpoint, 1) is None and proxy.failure() is None
+        # The other endpoint, and the other peers of the same endpoint, are still served.
+        b.push(Descriptor(Op.SIGNAL, 0, signal_slot=1, signal_value=4).to_record())
+        a.push(Descriptor(Op.SIGNAL, 1, signal_slot=2, signal_value=3).to_record())
+        wait_for(lambda: windows[0].signals[1] == 4 and windows[1].signals[2] == 3, what="other peers")
+        assert windows[2].signals[0] == 0
 
 
-def test_unknown_version_in_ring_is_an_error() -> None:
-    _, ends = _pair(Faults())
-    with DescriptorRing.create(4) as ring:
-        bad = np.zeros(1, dtype=DESCRIPTOR_DTYPE)
-        bad["version"], bad["opcode"] = 9, 1
-        ring.push(bad, timeout_s=1)
-        with pytest.raises(ValueError, match="version 9"):
-            Proxy([ring], ends[0]).step()
+def test_removing_an_endpoint_posts_what_its_ring_holds(proxy: Proxy) -> None:
+    with nodes(proxy, 2, 1) as (windows, (node,)):
+        node.ring.push(np.concatenate([Descriptor(Op.SIGNAL, 1, signal_slot=0, signal_value=1).to_record()] * 3000))
+        assert proxy.remove_endpoint(node.endpoint, 5.0)  # no wake-up: removal itself drains
+        assert windows[1].signals[0] == 3000

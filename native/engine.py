@@ -1,0 +1,573 @@
+"""Python handle of the compiled engine (``native/engine/*.c``, built by ``pip install``).
+
+The engine is a C library loaded with ctypes: this module declares its functions and wraps its
+objects — shared-memory windows, descriptor rings, the proxy thread with its transport, and the
+rank-side streams (:class:`Engine`, :class:`Exchange`) that move every byte of a dispatch or a
+combine. Python keeps the control path (set-up, rendezvous, errors, stats); nothing here touches
+payload bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import itertools
+import os
+import threading
+from collections.abc import Sequence
+from ctypes import POINTER, c_char_p, c_double, c_int, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
+from typing import Any
+
+import numpy as np
+
+from portep.proxy.descriptor import DESCRIPTOR_DTYPE
+
+ERR_LEN = 512
+BLOB_MAX = 1024
+SEGMENT_PREFIX = "portep"
+_names = itertools.count()
+
+
+class EngineError(RuntimeError):
+    """An error reported by the compiled engine; ``kind`` and ``culprit`` (a rank or -1) say whose."""
+
+    USAGE, PROTOCOL, PEER, PROXY = 1, 2, 3, 4
+
+    def __init__(self, message: str, kind: int = USAGE, culprit: int = -1) -> None:
+        super().__init__(message)
+        self.kind, self.culprit = kind, culprit
+
+
+class BuildMissingError(ImportError):
+    """The compiled engine is not built (``pip install`` builds it)."""
+
+
+def _library_path(module: str) -> str:
+    try:
+        return importlib.import_module(module).__file__  # type: ignore[return-value]
+    except ImportError as exc:
+        raise BuildMissingError(f"portep's compiled engine ({module}) is not built: run `pip install -e .` (it needs a "
+                                f"C compiler) from the repository root ({exc})") from exc
+
+
+def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = restype, list(argtypes)
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """The engine library, with every function declared."""
+    so = ctypes.CDLL(_library_path("portep.native._engine"))
+    u8p, i32p, i64p = POINTER(c_uint8), POINTER(c_int32), POINTER(c_int64)
+    # shared memory, rings, windows
+    _declare(so, "pe_ring_bytes", c_size_t, c_uint64)
+    _declare(so, "pe_ring_format", c_int, c_void_p, c_void_p, c_uint64, c_char_p)
+    _declare(so, "pe_ring_view", c_int, c_void_p, c_void_p, c_char_p)
+    _declare(so, "pe_ring_push", c_uint64, c_void_p, c_void_p, c_uint64)
+    _declare(so, "pe_ring_pop", c_uint64, c_void_p, c_void_p, c_uint64)
+    _declare(so, "pe_ring_pending", c_uint64, c_void_p)
+    _declare(so, "pe_ring_consume", c_uint64, c_void_p, c_uint64, c_double, POINTER(c_double))
+    _declare(so, "pe_window_create", c_int, c_void_p, c_char_p, c_uint32, c_uint64, c_char_p)
+    _declare(so, "pe_window_attach", c_int, c_void_p, c_char_p, c_uint32, c_uint64, c_char_p)
+    _declare(so, "pe_window_close", None, c_void_p)
+    _declare(so, "pe_window_signals_offset", c_uint64)
+    _declare(so, "pe_window_data_offset", c_uint64, c_uint32)
+    _declare(so, "pe_window_bytes", c_size_t, c_uint32, c_uint64)
+    _declare(so, "pe_window_signal", None, c_void_p, c_uint32, c_int64)
+    _declare(so, "pe_shm_create", c_int, c_void_p, c_char_p, c_size_t, c_char_p)
+    _declare(so, "pe_shm_attach", c_int, c_void_p, c_char_p, c_char_p)
+    _declare(so, "pe_shm_unlink", None, c_void_p)
+    _declare(so, "pe_shm_close", None, c_void_p)
+    # proxy
+    _declare(so, "pe_proxy_create", c_void_p, c_void_p, c_char_p, c_char_p)
+    _declare(so, "pe_proxy_transport_name", c_char_p, c_void_p)
+    _declare(so, "pe_proxy_address", c_int, c_void_p, u8p, c_size_t, POINTER(c_size_t), c_char_p)
+    _declare(so, "pe_proxy_connect", c_int, c_void_p, u8p, c_size_t, c_char_p)
+    _declare(so, "pe_proxy_add_endpoint", c_int, c_void_p, c_void_p, c_void_p, c_int, u8p, c_size_t,
+             POINTER(c_size_t), c_char_p)
+    _declare(so, "pe_proxy_set_rank", c_int, c_void_p, c_int, c_int, c_int, u8p, c_size_t, c_char_p)
+    _declare(so, "pe_proxy_remove_endpoint", c_int, c_void_p, c_int, c_double)
+    _declare(so, "pe_proxy_wake", None, c_void_p)
+    _declare(so, "pe_proxy_rank_status", c_int, c_void_p, c_int, c_int, c_char_p)
+    _declare(so, "pe_proxy_status", c_int, c_void_p, c_char_p)
+    _declare(so, "pe_proxy_stats", None, c_void_p, c_void_p)
+    _declare(so, "pe_proxy_break_rank", None, c_void_p, c_int, c_int)
+    _declare(so, "pe_proxy_destroy", None, c_void_p, c_double)
+    # engine
+    _declare(so, "pe_engine_num_signals", c_uint32, c_int)
+    _declare(so, "pe_engine_data_bytes", c_uint64, c_int, c_int, c_uint64)
+    _declare(so, "pe_engine_create", c_void_p, c_int, c_int, c_int, c_uint64, c_void_p, c_char_p)
+    _declare(so, "pe_engine_set_direct", c_int, c_void_p, c_int, c_void_p, c_char_p)
+    _declare(so, "pe_engine_set_proxied", c_int, c_void_p, c_int, c_void_p, c_int, c_void_p, c_char_p)
+    _declare(so, "pe_exchange_start", c_void_p, c_void_p, c_char_p, c_int, i32p, c_void_p, c_int64, c_int32,
+             c_void_p, c_int, c_char_p)
+    _declare(so, "pe_exchange_headers", c_int, c_void_p, c_double, i64p, i32p, c_char_p)
+    _declare(so, "pe_exchange_set_recv", c_int, c_void_p, c_void_p, c_char_p)
+    _declare(so, "pe_exchange_wait", c_int, c_void_p, c_double, c_char_p)
+    _declare(so, "pe_exchange_describe", None, c_void_p, i32p, c_char_p, c_size_t)
+    _declare(so, "pe_exchange_dropped", None, c_void_p, i32p)
+    _declare(so, "pe_exchange_free", None, c_void_p)
+    _declare(so, "pe_engine_drop", None, c_void_p, c_int)
+    _declare(so, "pe_engine_drain", c_int, c_void_p, i32p, c_double)
+    _declare(so, "pe_engine_error", c_int, c_void_p, i32p)
+    _declare(so, "pe_engine_stats", None, c_void_p, c_void_p)
+    _declare(so, "pe_engine_destroy", None, c_void_p)
+    _declare(so, "pe_cast_f32", None, c_void_p, c_int, c_void_p, c_int64)
+    _declare(so, "pe_fp8_cast", None, c_void_p, c_int, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int)
+    for name in ("shm", "fabric", "verbs", "efa"):
+        if hasattr(so, f"pe_transport_{name}"):
+            _declare(so, f"pe_transport_{name}", c_void_p)
+    return so
+
+
+def _err() -> ctypes.Array:
+    return ctypes.create_string_buffer(ERR_LEN)
+
+
+def _text(buf: ctypes.Array) -> str:
+    return buf.value.decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------------- structs
+class _Shm(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * 96), ("base", c_void_p), ("len", c_size_t), ("owner", c_int)]
+
+
+class _WindowStruct(ctypes.Structure):
+    _fields_ = [("shm", _Shm), ("control", c_void_p), ("signals", c_void_p), ("data", c_void_p),
+                ("num_signals", c_uint32), ("data_bytes", c_uint64)]
+
+
+class _RingStruct(ctypes.Structure):
+    _fields_ = [("head", c_void_p), ("tail", c_void_p), ("capacity", c_uint64), ("slots", c_void_p)]
+
+
+_TRANSPORT_STATS = ["puts", "bytes", "signals", "signals_applied", "messages_in", "fragments", "stalls", "reordered",
+                    "delayed", "dropped"]
+_PROXY_STATS = ["steps", "descriptors", "posted", "coalesced", "max_queue_depth", "backlog", "idle_polls", "sleeps",
+                "wakeups", "failed_peers"]
+_ENGINE_STATS = ["chunks_written", "chunks_read", "messages_sent", "messages_split", "bytes_direct", "bytes_staged",
+                 "bytes_local", "descriptors", "credit_stalls", "sleeps"]
+
+
+def _stats_struct(names: Sequence[str]) -> type[ctypes.Structure]:
+    return type("Stats", (ctypes.Structure,), {"_fields_": [(n, c_uint64) for n in names]})
+
+
+_TransportStats = _stats_struct(_TRANSPORT_STATS)
+_ProxyStats = type("ProxyStats", (ctypes.Structure,),
+                   {"_fields_": [(n, c_uint64) for n in _PROXY_STATS] + [("transport", _TransportStats)]})
+_EngineStats = _stats_struct(_ENGINE_STATS)
+
+
+def segment_name(kind: str) -> str:
+    """A fresh shared-memory segment name of this process."""
+    return f"{SEGMENT_PREFIX}-{kind}-{os.getpid()}-{next(_names)}"
+
+
+# ------------------------------------------------------------------------------------- windows
+class Window:
+    """One rank's window: signals and data in a shared-memory segment (see ``pe_window.h``)."""
+
+    def __init__(self, struct: _WindowStruct) -> None:
+        self._s = struct
+        self.num_signals, self.data_bytes = struct.num_signals, struct.data_bytes
+
+    @classmethod
+    def create(cls, num_signals: int, data_bytes: int, name: str | None = None) -> Window:
+        s, err = _WindowStruct(), _err()
+        if lib().pe_window_create(ctypes.byref(s), (name or segment_name("win")).encode(), num_signals, data_bytes,
+                                  err) != 0:
+            raise EngineError(_text(err))
+        return cls(s)
+
+    @classmethod
+    def attach(cls, name: str, num_signals: int, data_bytes: int) -> Window:
+        s, err = _WindowStruct(), _err()
+        if lib().pe_window_attach(ctypes.byref(s), name.encode(), num_signals, data_bytes, err) != 0:
+            raise EngineError(_text(err))
+        return cls(s)
+
+    @property
+    def ptr(self) -> int:
+        return ctypes.addressof(self._s)
+
+    @property
+    def name(self) -> str:
+        return self._s.shm.name.decode()
+
+    @property
+    def signals(self) -> np.ndarray:
+        """The int64 counters (a view; read them for tests and diagnostics only)."""
+        return np.ctypeslib.as_array((ctypes.c_int64 * self.num_signals).from_address(self._s.signals))
+
+    @property
+    def data(self) -> np.ndarray:
+        """The data area as uint8 (a view)."""
+        return np.ctypeslib.as_array((ctypes.c_uint8 * self.data_bytes).from_address(self._s.data))
+
+    def signal(self, slot: int, value: int) -> None:
+        """Raise counter ``slot`` by ``value`` (release), waking a sleeping rank."""
+        lib().pe_window_signal(self.ptr, slot, value)
+
+    def unlink(self) -> None:
+        """Remove the segment's name (mappings stay): once every peer has mapped it."""
+        lib().pe_shm_unlink(ctypes.byref(self._s.shm))
+
+    def close(self) -> None:
+        if self._s.shm.base:
+            lib().pe_window_close(self.ptr)
+
+
+# --------------------------------------------------------------------------------------- rings
+class Ring:
+    """A single-producer / single-consumer descriptor ring over a shared-memory segment."""
+
+    def __init__(self, shm: _Shm, struct: _RingStruct) -> None:
+        self._shm, self._s = shm, struct
+
+    @classmethod
+    def create(cls, capacity: int, name: str | None = None) -> Ring:
+        shm, s, err = _Shm(), _RingStruct(), _err()
+        so = lib()
+        if so.pe_shm_create(ctypes.byref(shm), (name or segment_name("ring")).encode(), so.pe_ring_bytes(capacity),
+                            err) != 0 or so.pe_ring_format(ctypes.byref(s), shm.base, capacity, err) != 0:
+            raise EngineError(_text(err))
+        return cls(shm, s)
+
+    @classmethod
+    def attach(cls, name: str) -> Ring:
+        shm, s, err = _Shm(), _RingStruct(), _err()
+        so = lib()
+        if so.pe_shm_attach(ctypes.byref(shm), name.encode(), err) != 0 or so.pe_ring_view(ctypes.byref(s), shm.base,
+                                                                                             err) != 0:
+            raise EngineError(_text(err))
+        return cls(shm, s)
+
+    @property
+    def ptr(self) -> int:
+        return ctypes.addressof(self._s)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name.decode()
+
+    @property
+    def capacity(self) -> int:
+        return self._s.capacity
+
+    def push(self, records: np.ndarray) -> int:
+        """Append what fits of ``records`` (descriptor dtype); returns how many."""
+        records = np.ascontiguousarray(records, dtype=DESCRIPTOR_DTYPE)
+        return lib().pe_ring_push(self.ptr, records.ctypes.data, records.size)
+
+    def pop(self, max_records: int) -> np.ndarray:
+        out = np.empty(max_records, dtype=DESCRIPTOR_DTYPE)
+        return out[: lib().pe_ring_pop(self.ptr, out.ctypes.data, max_records)]
+
+    def pending(self) -> int:
+        return lib().pe_ring_pending(self.ptr)
+
+    def consume(self, count: int, timeout_s: float) -> tuple[int, float]:
+        """Pop ``count`` descriptors in a compiled loop (benchmarks): how many, and the seconds from
+        the first batch to the last."""
+        seconds = c_double()
+        taken = lib().pe_ring_consume(self.ptr, count, timeout_s, ctypes.byref(seconds))
+        return taken, seconds.value
+
+    @property
+    def address(self) -> int:
+        """Address of the ring's memory (head, tail, capacity, slots), e.g. to map it into a GPU."""
+        return self._shm.base
+
+    @property
+    def nbytes(self) -> int:
+        return self._shm.len
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def unlink(self) -> None:
+        lib().pe_shm_unlink(ctypes.byref(self._shm))
+
+    def close(self) -> None:
+        if self._shm.base:
+            lib().pe_shm_close(ctypes.byref(self._shm))
+
+
+# ----------------------------------------------------------------------------------- transports
+def _load_ucx() -> ctypes.CDLL:
+    try:
+        import libucx
+
+        libucx.load_library()  # libucp & co. from the wheel, so that the transport's library finds them
+    except ImportError:
+        pass
+    so = ctypes.CDLL(_library_path("portep.native._ucx"))
+    _declare(so, "pe_transport_ucx", c_void_p)
+    return so
+
+
+def transport_ops(name: str) -> int:
+    """Address of the operations table of transport ``name`` (``shm``, ``fabric``, ``verbs``, ``efa``, ``ucx``)."""
+    if name == "ucx":
+        return _load_ucx().pe_transport_ucx()
+    fn = getattr(lib(), f"pe_transport_{name}", None)
+    if fn is None:
+        raise EngineError(f"the compiled engine has no {name!r} transport")
+    return fn()
+
+
+def verbs_probe(efa: bool) -> str | None:
+    """None when an RDMA device of that kind (EFA, or InfiniBand / RoCE) is usable, else why not."""
+    so = lib()
+    if not hasattr(so, "pe_verbs_probe"):
+        return "the engine was built without the verbs transports"
+    so.pe_verbs_probe.restype, so.pe_verbs_probe.argtypes = c_int, [c_int, c_char_p]
+    err = _err()
+    return None if so.pe_verbs_probe(int(efa), err) == 1 else _text(err)
+
+
+class Proxy:
+    """The compiled proxy thread and its transport (one per process, shared by every Buffer)."""
+
+    def __init__(self, transport: str, options: str = "") -> None:
+        err = _err()
+        self.transport_name = transport
+        self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
+        self._p = lib().pe_proxy_create(transport_ops(transport), options.encode(), err)
+        if not self._p:
+            raise EngineError(f"{transport} transport: {_text(err)}")
+
+    @property
+    def ptr(self) -> int:
+        return self._p
+
+    def address(self) -> bytes:
+        buf, size, err = (c_uint8 * BLOB_MAX)(), c_size_t(), _err()
+        if lib().pe_proxy_address(self._p, buf, BLOB_MAX, ctypes.byref(size), err) != 0:
+            raise EngineError(_text(err))
+        return bytes(buf[: size.value])
+
+    def connect(self, address: bytes) -> int:
+        """The peer id of the proxy at ``address`` (connected on first use)."""
+        err = _err()
+        peer = lib().pe_proxy_connect(self._p, (c_uint8 * len(address)).from_buffer_copy(address), len(address), err)
+        if peer < 0:
+            raise EngineError(_text(err))
+        return peer
+
+    def add_endpoint(self, ring: Ring, window: Window, world: int) -> tuple[int, bytes]:
+        """Serve ``ring`` and register ``window``; returns the endpoint id and the window's key blob."""
+        key, size, err = (c_uint8 * BLOB_MAX)(), c_size_t(), _err()
+        ep = lib().pe_proxy_add_endpoint(self._p, ring.ptr, window.ptr, world, key, BLOB_MAX, ctypes.byref(size), err)
+        if ep < 0:
+            raise EngineError(_text(err))
+        return ep, bytes(key[: size.value])
+
+    def set_rank(self, endpoint: int, rank: int, peer: int, key: bytes) -> None:
+        err = _err()
+        if lib().pe_proxy_set_rank(self._p, endpoint, rank, peer, (c_uint8 * len(key)).from_buffer_copy(key),
+                                   len(key), err) != 0:
+            raise EngineError(_text(err))
+
+    def remove_endpoint(self, endpoint: int, timeout_s: float) -> bool:
+        """Drain and forget ``endpoint``; False if its deadline passed first."""
+        return not self._p or lib().pe_proxy_remove_endpoint(self._p, endpoint, timeout_s) == 0
+
+    def wake(self) -> None:
+        if self._p:
+            lib().pe_proxy_wake(self._p)
+
+    def rank_failure(self, endpoint: int, rank: int) -> str | None:
+        """Why group rank ``rank`` of ``endpoint`` is unreachable, or None."""
+        err = _err()
+        if not self._p:
+            return "the proxy was stopped"
+        return _text(err) if lib().pe_proxy_rank_status(self._p, endpoint, rank, err) != 0 else None
+
+    def failure(self) -> str | None:
+        err = _err()
+        if not self._p:
+            return "the proxy was stopped"
+        return _text(err) if lib().pe_proxy_status(self._p, err) != 0 else None
+
+    def break_rank(self, endpoint: int, rank: int) -> None:
+        """Test hook: every later post toward ``rank`` fails as a broken link would."""
+        lib().pe_proxy_break_rank(self._p, endpoint, rank)
+
+    def stats(self) -> dict[str, int]:
+        """The proxy's and its transport's counters (none once destroyed)."""
+        s = _ProxyStats()
+        with self._lock:
+            if not self._p:
+                return {}
+            lib().pe_proxy_stats(self._p, ctypes.byref(s))
+        out = {name: getattr(s, name) for name in _PROXY_STATS}
+        out.update({f"transport_{name}": getattr(s.transport, name) for name in _TRANSPORT_STATS})
+        return out
+
+    def destroy(self, timeout_s: float = 2.0) -> None:
+        with self._lock:
+            if self._p:
+                lib().pe_proxy_destroy(self._p, timeout_s)
+                self._p = None
+
+
+# ------------------------------------------------------------------------------ streams (engine)
+#: pe_field_t, pe_segment_t, pe_send_t and pe_recv_t of ``pe_engine.h``
+FIELD_DTYPE = np.dtype([("base", "<u8"), ("row_stride", "<i8"), ("elem_stride", "<i8"), ("block_rows", "<i8"),
+                        ("block_stride", "<i8"), ("count", "<i4"), ("mem_type", "u1"), ("wire_type", "u1"),
+                        ("kind", "u1"), ("pad", "u1")])
+SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"), ("nrows", "<i8"),
+                          ("nfields", "<i4"), ("pad", "<i4")])
+SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
+RECV_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("weights", "<u8"), ("touched", "<u8"), ("first", "<i8"),
+                       ("expect_rows", "<i8"), ("nfields", "<i4"), ("pad", "<i4")])
+assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize) == (48, 40, 24, 56)
+
+# enum pe_type / pe_kind
+U8, I32, I64, BF16, F16, F32 = range(6)
+GATHER, ROW_INDEX, SCATTER, REDUCE, SKIP = range(5)
+DROP_DEAD = 1
+
+
+def _check(so_call_result: int, err: ctypes.Array, engine: Any) -> int:
+    if so_call_result < 0:
+        culprit = c_int32(-1)
+        kind = lib().pe_engine_error(engine, ctypes.byref(culprit))
+        raise EngineError(_text(err), kind or EngineError.USAGE, culprit.value)
+    return so_call_result
+
+
+class Exchange:
+    """One exchange in flight (``pe_exchange_t``); keeps alive what its specs point to."""
+
+    def __init__(self, engine: Engine, handle: int, npeers: int, ncounts: int, keep: list[Any]) -> None:
+        self.engine, self._x, self.npeers, self.ncounts, self._keep = engine, handle, npeers, ncounts, keep
+
+    def headers(self, wait_s: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Rows and int32 ``[npeers, ncounts]`` counts every peer sends, once all headers arrived
+        (None if ``wait_s`` passed first)."""
+        rows = np.zeros(self.npeers, dtype=np.int64)
+        counts = np.zeros((self.npeers, max(self.ncounts, 1)), dtype=np.int32)
+        err = _err()
+        rc = _check(lib().pe_exchange_headers(self._x, wait_s, rows.ctypes.data_as(POINTER(c_int64)),
+                                              counts.ctypes.data_as(POINTER(c_int32)), err), err, self.engine.ptr)
+        return None if rc else (rows, counts[:, : self.ncounts])
+
+    def set_recv(self, recvs: np.ndarray, keep: list[Any]) -> None:
+        err = _err()
+        self._keep.extend(keep)
+        _check(lib().pe_exchange_set_recv(self._x, recvs.ctypes.data, err), err, self.engine.ptr)
+        self._keep.append(recvs)
+
+    def wait(self, wait_s: float) -> bool:
+        """True once the exchange completed; False if ``wait_s`` passed first."""
+        err = _err()
+        return _check(lib().pe_exchange_wait(self._x, wait_s, err), err, self.engine.ptr) == 0
+
+    def describe(self) -> tuple[np.ndarray, str]:
+        """Per peer: 1 still to send to, 2 still to receive from; and what is missing, in words."""
+        state, text = np.zeros(self.npeers, dtype=np.int32), ctypes.create_string_buffer(4096)
+        lib().pe_exchange_describe(self._x, state.ctypes.data_as(POINTER(c_int32)), text, 4096)
+        return state, _text(text)
+
+    def dropped(self) -> np.ndarray:
+        out = np.zeros(self.npeers, dtype=np.int32)
+        lib().pe_exchange_dropped(self._x, out.ctypes.data_as(POINTER(c_int32)))
+        return out
+
+    def free(self) -> None:
+        if self._x:
+            lib().pe_exchange_free(self._x)
+            self._x = None
+            self._keep = []
+
+
+class Engine:
+    """A rank's streams for one Buffer (``pe_engine_t``)."""
+
+    def __init__(self, rank: int, world: int, slots: int, chunk_bytes: int, window: Window) -> None:
+        err = _err()
+        self.rank, self.world, self.window = rank, world, window
+        self._e = lib().pe_engine_create(rank, world, slots, chunk_bytes, window.ptr, err)
+        if not self._e:
+            raise EngineError(_text(err))
+        self._peers: dict[int, Any] = {}  # what the engine points to, kept alive
+        self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
+
+    @staticmethod
+    def window_size(world: int, slots: int, chunk_bytes: int) -> tuple[int, int]:
+        """(signals, data bytes) of the window an engine of this layout needs."""
+        so = lib()
+        return so.pe_engine_num_signals(world), so.pe_engine_data_bytes(world, slots, chunk_bytes)
+
+    @property
+    def ptr(self) -> int:
+        return self._e
+
+    def set_direct(self, peer: int, window: Window) -> None:
+        err = _err()
+        _check(lib().pe_engine_set_direct(self._e, peer, window.ptr, err), err, self._e)
+        self._peers[peer] = window
+
+    def set_proxied(self, peer: int, proxy: Proxy, endpoint: int, ring: Ring) -> None:
+        err = _err()
+        _check(lib().pe_engine_set_proxied(self._e, peer, proxy.ptr, endpoint, ring.ptr, err), err, self._e)
+        self._peers[peer] = (proxy, ring)
+
+    def start(self, op: str, peers: np.ndarray, sends: np.ndarray, row_bytes: int, ncounts: int,
+              recvs: np.ndarray | None, drop_dead: bool, keep: list[Any]) -> Exchange:
+        """Start an exchange (see ``pe_exchange_start``); ``keep`` holds what the specs point to."""
+        err = _err()
+        peers = np.ascontiguousarray(peers, dtype=np.int32)
+        handle = lib().pe_exchange_start(self._e, op.encode(), peers.size, peers.ctypes.data_as(POINTER(c_int32)),
+                                         sends.ctypes.data, row_bytes, ncounts,
+                                         recvs.ctypes.data if recvs is not None else None,
+                                         DROP_DEAD if drop_dead else 0, err)
+        if not handle:
+            _check(-1, err, self._e)
+        return Exchange(self, handle, peers.size, ncounts, [*keep, sends, recvs])
+
+    def drop(self, peer: int) -> None:
+        """Give up on a dead peer (see ``pe_engine_drop``)."""
+        lib().pe_engine_drop(self._e, peer)
+
+    def drain(self, skip: Sequence[int], timeout_s: float) -> int:
+        """Wait until peers (but ``skip``) consumed everything sent to them; returns how many still owe."""
+        mask = np.zeros(self.world, dtype=np.int32)
+        mask[list(skip)] = 1
+        return lib().pe_engine_drain(self._e, mask.ctypes.data_as(POINTER(c_int32)), timeout_s)
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters (none once destroyed)."""
+        s = _EngineStats()
+        with self._lock:
+            if not self._e:
+                return {}
+            lib().pe_engine_stats(self._e, ctypes.byref(s))
+        return {name: getattr(s, name) for name in _ENGINE_STATS}
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._e:
+                lib().pe_engine_destroy(self._e)
+                self._e = None
+                self._peers.clear()
+
+
+def cast_f32(dst_ptr: int, dst_type: int, src_ptr: int, count: int) -> None:
+    """``count`` float32 values at ``src_ptr`` to ``dst_type`` at ``dst_ptr`` (the end of a combine)."""
+    lib().pe_cast_f32(dst_ptr, dst_type, src_ptr, count)
+
+
+def fp8_cast(x_ptr: int, x_type: int, rows: int, hidden: int, row_stride: int, out_ptr: int, scales_ptr: int,
+             round_scale: bool) -> None:
+    """Per-token, per-128-channel e4m3 cast (see ``pe_fp8_cast``): one pass, no temporaries."""
+    lib().pe_fp8_cast(x_ptr, x_type, rows, hidden, row_stride, out_ptr, scales_ptr, int(round_scale))

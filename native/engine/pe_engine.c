@@ -1,0 +1,933 @@
+// The rank side of the data plane: streams, exchanges and their progress (see pe_engine.h).
+#define _GNU_SOURCE
+#include "pe_engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "pe_rows.h"
+
+#define HEADER_BYTES 64
+#define HEADER_MAGIC 0x32504550u  // "PEP2"
+#define OP_CHARS 40
+#define SLEEP_SLICE_US 1000  // the longest a waiting rank sleeps before it looks again
+#define LIVENESS_PERIOD_S 0.002
+
+enum peer_mode { PEER_UNSET = 0, PEER_SELF, PEER_DIRECT, PEER_PROXIED };
+
+typedef struct header {
+  uint32_t magic;
+  uint32_t seq;
+  uint64_t nrows;
+  uint32_t row_bytes;
+  int32_t ncounts;
+  char op[OP_CHARS];
+} header_t;
+_Static_assert(sizeof(header_t) == HEADER_BYTES, "the message header is 64 bytes");
+
+typedef struct out_msg {
+  pe_exchange_t *x;
+  int index;           // the peer's position in the exchange
+  uint64_t total;      // header + row bytes
+  uint64_t sent;       // stream bytes written so far
+  int segment;         // cursor: segment of the next row, and the row where that segment starts
+  int64_t segment_start;
+  struct out_msg *next;
+} out_msg_t;
+
+typedef struct in_msg {
+  pe_exchange_t *x;
+  int index;
+  int header_seen;
+  uint64_t total;
+  uint64_t received;   // stream bytes consumed so far
+  uint8_t *partial;    // a row that straddles two chunks
+  struct in_msg *next;
+} in_msg_t;
+
+typedef struct peer {
+  int mode;
+  pe_window_t *window;  // direct: the peer's window
+  pe_proxy_t *proxy;    // proxied
+  int endpoint;
+  pe_ring_t *ring;
+  uint64_t sent_chunks;
+  uint64_t consumed_chunks;
+  uint32_t send_seq;
+  uint32_t recv_seq;
+  int64_t credit_owed;  // credits to hand back through the proxy
+  out_msg_t *out_head, *out_tail;
+  in_msg_t *in_head, *in_tail;
+  int gone;
+} peer_t;
+
+struct pe_exchange {
+  pe_engine_t *e;
+  char op[OP_CHARS + 1];
+  int npeers;
+  int32_t *peers;
+  int flags;
+  int64_t row_bytes;
+  int32_t ncounts;
+  uint64_t header_bytes;
+  pe_send_t *sends;  // copies, with their segments and fields
+  pe_recv_t *recvs;  // copies with their fields, or NULL until set
+  int64_t *rows;
+  int32_t *counts;
+  uint8_t *header_known;
+  uint8_t *to_done;
+  uint8_t *from_done;
+  uint8_t *dropped;
+  int pending_to;
+  int pending_from;
+  int refs;  // the caller's, plus one per queued message
+};
+
+struct pe_engine {
+  int rank;
+  int world;
+  int slots;
+  uint64_t chunk_bytes;
+  pe_window_t *window;
+  peer_t *peers;
+  int error_kind;
+  int culprit;
+  uint8_t *bounce;  // one row, for rows that straddle chunks (send side) and for self messages
+  uint64_t bounce_bytes;
+  pe_engine_stats_t stats;
+  pe_proxy_t *proxy;  // the proxy of the proxied peers (one per process)
+};
+
+// ------------------------------------------------------------------------------------ layout
+uint32_t pe_engine_num_signals(int world) { return (uint32_t)world * PE_SIGNALS_PER_PEER; }
+
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes) {
+  return 2ull * (uint64_t)world * (uint64_t)slots * chunk_bytes;  // receive slots, then staging slots
+}
+
+static inline uint32_t landed_signal(int source, int slot) { return (uint32_t)(source * PE_SIGNALS_PER_PEER + slot); }
+static inline uint32_t credit_signal(int dest) { return (uint32_t)(dest * PE_SIGNALS_PER_PEER + PE_SIGNALS_PER_PEER - 1); }
+
+static inline uint64_t recv_offset(const pe_engine_t *e, int source, uint64_t chunk) {
+  return ((uint64_t)source * (uint64_t)e->slots + chunk % (uint64_t)e->slots) * e->chunk_bytes;
+}
+
+static inline uint64_t stage_offset(const pe_engine_t *e, int dest, uint64_t chunk) {
+  return ((uint64_t)(e->world + dest) * (uint64_t)e->slots + chunk % (uint64_t)e->slots) * e->chunk_bytes;
+}
+
+static int fail(pe_engine_t *e, int kind, int culprit) {
+  e->error_kind = kind;
+  e->culprit = culprit;
+  return -1;
+}
+
+// -------------------------------------------------------------------------------- engine
+pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, pe_window_t *window, char *err) {
+  if (world < 1 || rank < 0 || rank >= world || slots < 1 || slots > PE_MAX_SLOTS || chunk_bytes < 4096 ||
+      chunk_bytes % 64) {
+    pe_err(err, "engine: bad layout (rank %d of %d, %d slots of %llu bytes: at most %d slots, chunks of at least "
+           "4096 bytes in multiples of 64)", rank, world, slots, (unsigned long long)chunk_bytes, PE_MAX_SLOTS);
+    return NULL;
+  }
+  if (window->num_signals < pe_engine_num_signals(world) ||
+      window->data_bytes < pe_engine_data_bytes(world, slots, chunk_bytes)) {
+    pe_err(err, "engine: the window is too small for %d ranks, %d slots of %llu bytes", world, slots,
+           (unsigned long long)chunk_bytes);
+    return NULL;
+  }
+  pe_engine_t *e = calloc(1, sizeof *e);
+  peer_t *peers = calloc((size_t)world, sizeof *peers);
+  if (e == NULL || peers == NULL) {
+    free(e);
+    free(peers);
+    pe_err(err, "engine: out of memory");
+    return NULL;
+  }
+  e->rank = rank;
+  e->world = world;
+  e->slots = slots;
+  e->chunk_bytes = chunk_bytes;
+  e->window = window;
+  e->peers = peers;
+  e->culprit = -1;
+  e->peers[rank].mode = PEER_SELF;
+  return e;
+}
+
+int pe_engine_set_direct(pe_engine_t *e, int peer, pe_window_t *peer_window, char *err) {
+  if (peer < 0 || peer >= e->world || peer == e->rank) {
+    pe_err(err, "engine: bad direct peer %d", peer);
+    return -1;
+  }
+  e->peers[peer].mode = PEER_DIRECT;
+  e->peers[peer].window = peer_window;
+  return 0;
+}
+
+int pe_engine_set_proxied(pe_engine_t *e, int peer, pe_proxy_t *proxy, int endpoint, pe_ring_t *ring, char *err) {
+  if (peer < 0 || peer >= e->world) {
+    pe_err(err, "engine: bad proxied peer %d", peer);
+    return -1;
+  }
+  peer_t *p = &e->peers[peer];
+  p->mode = PEER_PROXIED;
+  p->proxy = proxy;
+  p->endpoint = endpoint;
+  p->ring = ring;
+  e->proxy = proxy;
+  return 0;
+}
+
+static uint8_t *bounce(pe_engine_t *e, uint64_t bytes) {
+  if (bytes > e->bounce_bytes) {
+    uint8_t *more = realloc(e->bounce, bytes);
+    if (more == NULL) return NULL;
+    e->bounce = more;
+    e->bounce_bytes = bytes;
+  }
+  return e->bounce;
+}
+
+// ------------------------------------------------------------------------------ exchanges
+static void release(pe_exchange_t *x) {
+  if (--x->refs > 0) return;
+  if (x->sends != NULL) {
+    for (int i = 0; i < x->npeers; ++i) {
+      pe_segment_t *segs = (pe_segment_t *)(uintptr_t)x->sends[i].segments;
+      for (int s = 0; segs != NULL && s < x->sends[i].nsegments; ++s) free((void *)(uintptr_t)segs[s].fields);
+      free(segs);
+      free((void *)(uintptr_t)x->sends[i].counts);
+    }
+  }
+  if (x->recvs != NULL)
+    for (int i = 0; i < x->npeers; ++i) free((void *)(uintptr_t)x->recvs[i].fields);
+  free(x->sends);
+  free(x->recvs);
+  free(x->peers);
+  free(x->rows);
+  free(x->counts);
+  free(x->header_known);
+  free(x->to_done);
+  free(x->from_done);
+  free(x->dropped);
+  free(x);
+}
+
+static void *copy_of(const void *src, size_t bytes) {
+  if (bytes == 0) return NULL;
+  void *dst = malloc(bytes);
+  if (dst != NULL) memcpy(dst, src, bytes);
+  return dst;
+}
+
+static int copy_send(pe_exchange_t *x, int i, const pe_send_t *send, char *err) {
+  pe_send_t *mine = &x->sends[i];
+  mine->nsegments = send->nsegments;
+  mine->segments = 0;
+  mine->counts = 0;
+  if (send->counts && x->ncounts) {
+    mine->counts = (uint64_t)(uintptr_t)copy_of((const void *)(uintptr_t)send->counts, (size_t)x->ncounts * 4);
+    if (!mine->counts) goto oom;
+  }
+  if (send->nsegments == 0) return 0;
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)send->segments;
+  pe_segment_t *copy = copy_of(segs, (size_t)send->nsegments * sizeof *segs);
+  if (copy == NULL) goto oom;
+  mine->segments = (uint64_t)(uintptr_t)copy;
+  for (int s = 0; s < send->nsegments; ++s) copy[s].fields = 0;
+  for (int s = 0; s < send->nsegments; ++s) {
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
+    if (segs[s].nrows < 0 || (segs[s].nrows > 0 && pe_fields_check(fields, segs[s].nfields, 1, err) != 0)) return -1;
+    if (segs[s].nrows > 0 && pe_fields_wire_bytes(fields, segs[s].nfields) != x->row_bytes) {
+      pe_err(err, "%s: segment %d of the message to rank %d has rows of %lld bytes, the exchange %lld", x->op, s,
+             x->peers[i], (long long)pe_fields_wire_bytes(fields, segs[s].nfields), (long long)x->row_bytes);
+      return -1;
+    }
+    copy[s].fields = (uint64_t)(uintptr_t)copy_of(fields, (size_t)segs[s].nfields * sizeof *fields);
+    if (segs[s].nfields && !copy[s].fields) goto oom;
+  }
+  return 0;
+oom:
+  pe_err(err, "%s: out of memory", x->op);
+  return -1;
+}
+
+static int copy_recvs(pe_exchange_t *x, const pe_recv_t *recvs, char *err) {
+  pe_recv_t *copy = calloc((size_t)x->npeers, sizeof *copy);
+  if (copy == NULL) {
+    pe_err(err, "%s: out of memory", x->op);
+    return -1;
+  }
+  for (int i = 0; i < x->npeers; ++i) {
+    copy[i] = recvs[i];
+    copy[i].fields = 0;
+  }
+  for (int i = 0; i < x->npeers; ++i) {
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)recvs[i].fields;
+    if (pe_fields_check(fields, recvs[i].nfields, 0, err) != 0 ||
+        (recvs[i].nfields && pe_fields_wire_bytes(fields, recvs[i].nfields) != x->row_bytes)) {
+      if (!err[0])
+        pe_err(err, "%s: the receive fields for rank %d take rows of %lld bytes, the exchange %lld", x->op,
+               x->peers[i], (long long)pe_fields_wire_bytes(fields, recvs[i].nfields), (long long)x->row_bytes);
+      for (int j = 0; j < i; ++j) free((void *)(uintptr_t)copy[j].fields);
+      free(copy);
+      return -1;
+    }
+    copy[i].fields = (uint64_t)(uintptr_t)copy_of(fields, (size_t)recvs[i].nfields * sizeof *fields);
+  }
+  x->recvs = copy;
+  return 0;
+}
+
+static int64_t send_rows(const pe_send_t *send) {
+  int64_t rows = 0;
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)send->segments;
+  for (int s = 0; s < send->nsegments; ++s) rows += segs[s].nrows;
+  return rows;
+}
+
+static void mark_dropped(pe_exchange_t *x, int i) {
+  if (!x->to_done[i]) x->pending_to--;
+  if (!x->from_done[i]) x->pending_from--;
+  x->to_done[i] = x->from_done[i] = x->dropped[i] = x->header_known[i] = 1;
+  x->rows[i] = 0;
+  if (x->ncounts) memset(&x->counts[(int64_t)i * x->ncounts], 0, (size_t)x->ncounts * 4);
+}
+
+static void write_header(const pe_exchange_t *x, int i, uint32_t seq, uint8_t *dst) {
+  header_t h = {.magic = HEADER_MAGIC, .seq = seq, .nrows = (uint64_t)send_rows(&x->sends[i]),
+                .row_bytes = (uint32_t)x->row_bytes, .ncounts = x->ncounts};
+  memcpy(h.op, x->op, strnlen(x->op, OP_CHARS));
+  memset(dst, 0, x->header_bytes);
+  memcpy(dst, &h, sizeof h);
+  if (x->ncounts && x->sends[i].counts)
+    memcpy(dst + HEADER_BYTES, (const void *)(uintptr_t)x->sends[i].counts, (size_t)x->ncounts * 4);
+}
+
+pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, const int32_t *peers,
+                                 const pe_send_t *sends, int64_t row_bytes, int32_t ncounts, const pe_recv_t *recvs,
+                                 int flags, char *err) {
+  e->error_kind = PE_OK;
+  e->culprit = -1;
+  pe_exchange_t *x = calloc(1, sizeof *x);
+  if (x == NULL) {
+    pe_err(err, "%s: out of memory", op);
+    fail(e, PE_ERR_USAGE, -1);
+    return NULL;
+  }
+  x->e = e;
+  snprintf(x->op, sizeof x->op, "%s", op);
+  x->npeers = npeers;
+  x->flags = flags;
+  x->row_bytes = row_bytes;
+  x->ncounts = ncounts;
+  x->refs = 1;
+  x->header_bytes = HEADER_BYTES + pe_round_up((uint64_t)(ncounts > 0 ? ncounts : 0) * 4, 64);
+  x->peers = copy_of(peers, (size_t)npeers * 4);
+  x->sends = calloc((size_t)npeers, sizeof *x->sends);
+  x->rows = calloc((size_t)npeers, sizeof *x->rows);
+  x->counts = calloc((size_t)npeers * (size_t)(ncounts > 0 ? ncounts : 1), sizeof *x->counts);
+  x->header_known = calloc((size_t)npeers, 1);
+  x->to_done = calloc((size_t)npeers, 1);
+  x->from_done = calloc((size_t)npeers, 1);
+  x->dropped = calloc((size_t)npeers, 1);
+  int ok = x->peers && x->sends && x->rows && x->counts && x->header_known && x->to_done && x->from_done &&
+           x->dropped;
+  if (!ok) pe_err(err, "%s: out of memory", op);
+  if (ok && (ncounts < 0 || row_bytes < 0 || x->header_bytes + (uint64_t)row_bytes > (1ull << 40))) {
+    pe_err(err, "%s: bad row width %lld or count %d", op, (long long)row_bytes, ncounts);
+    ok = 0;
+  }
+  int self = -1;
+  for (int i = 0; ok && i < npeers; ++i) {
+    int p = peers[i];
+    if (p < 0 || p >= e->world || e->peers[p].mode == PEER_UNSET) {
+      pe_err(err, "%s: rank %d is not a peer of this Buffer's engine", op, p);
+      ok = 0;
+    } else if (p == e->rank) {
+      self = i;
+    }
+    if (ok) ok = copy_send(x, i, &sends[i], err) == 0;
+  }
+  if (ok && self < 0) {
+    pe_err(err, "%s: rank %d is not among the exchange's ranks", op, e->rank);
+    ok = 0;
+  }
+  if (ok && recvs != NULL) ok = copy_recvs(x, recvs, err) == 0;
+  for (int i = 0; ok && i < npeers; ++i) {
+    peer_t *p = &e->peers[peers[i]];
+    if (p->gone && !(flags & PE_DROP_DEAD)) {
+      pe_err(err, "%s: rank %d was dropped after it died", op, peers[i]);
+      fail(e, PE_ERR_PEER, peers[i]);
+      release(x);
+      return NULL;
+    }
+  }
+  if (!ok) {
+    fail(e, PE_ERR_USAGE, -1);
+    release(x);
+    return NULL;
+  }
+  x->pending_to = x->pending_from = npeers;
+  for (int i = 0; i < npeers; ++i) {
+    int pr = peers[i];
+    peer_t *p = &e->peers[pr];
+    if (pr == e->rank) {  // this rank's own rows: moved when the receive side is known
+      x->to_done[i] = 1;
+      x->pending_to--;
+      x->header_known[i] = 1;
+      x->rows[i] = send_rows(&x->sends[i]);
+      if (ncounts && x->sends[i].counts)
+        memcpy(&x->counts[(int64_t)i * ncounts], (const void *)(uintptr_t)x->sends[i].counts, (size_t)ncounts * 4);
+      continue;
+    }
+    if (p->gone) {
+      mark_dropped(x, i);
+      continue;
+    }
+    out_msg_t *out = calloc(1, sizeof *out);
+    in_msg_t *in = calloc(1, sizeof *in);
+    if (out == NULL || in == NULL) {  // nothing queued yet for this peer: fail cleanly
+      free(out);
+      free(in);
+      pe_err(err, "%s: out of memory", op);
+      fail(e, PE_ERR_USAGE, -1);
+      for (int j = i; j < npeers; ++j)
+        if (peers[j] != e->rank && !e->peers[peers[j]].gone) mark_dropped(x, j);
+      release(x);
+      return NULL;
+    }
+    out->x = x;
+    out->index = i;
+    out->total = x->header_bytes + (uint64_t)send_rows(&x->sends[i]) * (uint64_t)row_bytes;
+    in->x = x;
+    in->index = i;
+    x->refs += 2;
+    if (p->out_tail) p->out_tail->next = out; else p->out_head = out;
+    p->out_tail = out;
+    if (p->in_tail) p->in_tail->next = in; else p->in_head = in;
+    p->in_tail = in;
+    e->stats.messages_sent++;
+    if (out->total > e->chunk_bytes) e->stats.messages_split++;
+  }
+  return x;
+}
+
+// ------------------------------------------------------------------------------ sending
+// Gather bytes [a, b) of the rows of message `m` into `dst`.
+static void gather_bytes(pe_engine_t *e, out_msg_t *m, uint64_t a, uint64_t b, uint8_t *dst) {
+  const pe_exchange_t *x = m->x;
+  const uint64_t rb = (uint64_t)x->row_bytes;
+  if (rb == 0) return;
+  const pe_send_t *send = &x->sends[m->index];
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)send->segments;
+  int64_t row = (int64_t)(a / rb);
+  uint64_t off = a % rb;
+  while (a < b) {
+    while (row >= m->segment_start + segs[m->segment].nrows) {
+      m->segment_start += segs[m->segment].nrows;
+      m->segment++;
+    }
+    const pe_segment_t *seg = &segs[m->segment];
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
+    const int64_t i = row - m->segment_start;
+    const int64_t src = seg->index ? ((const int64_t *)(uintptr_t)seg->index)[i] : seg->first + i;
+    uint64_t take = rb - off < b - a ? rb - off : b - a;
+    if (off == 0 && take == rb) {
+      pe_gather_row(fields, seg->nfields, src, dst);
+    } else {  // a row that straddles two chunks: gather it whole, keep the part of this chunk
+      uint8_t *row_bytes = bounce(e, rb);
+      if (row_bytes == NULL) abort();
+      pe_gather_row(fields, seg->nfields, src, row_bytes);
+      memcpy(dst, row_bytes + off, take);
+    }
+    dst += take;
+    a += take;
+    row++;
+    off = 0;
+  }
+}
+
+static void push_descriptor(pe_engine_t *e, peer_t *p, const portep_descriptor_t *d) {
+  pe_backoff_t b;
+  pe_backoff_init(&b, 100);
+  while (pe_ring_push(p->ring, d, 1) == 0) {  // full: the proxy drains it
+    pe_proxy_wake(p->proxy);
+    pe_backoff_step(&b);
+  }
+  e->stats.descriptors++;
+}
+
+// Write the next chunk of the head message to peer `pr`; returns 1 if one was written.
+static int send_chunk(pe_engine_t *e, int pr) {
+  peer_t *p = &e->peers[pr];
+  out_msg_t *m = p->out_head;
+  if (m == NULL) return 0;
+  const uint64_t chunk = p->sent_chunks;
+  const int64_t credit = pe_load_acquire_i64(&e->window->signals[credit_signal(pr)]);
+  if ((int64_t)chunk - credit >= e->slots) {
+    e->stats.credit_stalls++;
+    return 0;
+  }
+  const pe_exchange_t *x = m->x;
+  const uint64_t start = m->sent;
+  const uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
+  uint8_t *dst = p->mode == PEER_DIRECT ? p->window->data + recv_offset(e, e->rank, chunk)
+                                        : e->window->data + stage_offset(e, pr, chunk);
+  uint8_t *at = dst;
+  uint64_t pos = start;
+  if (pos < x->header_bytes) {
+    uint8_t head[HEADER_BYTES + 4096];
+    uint8_t *h = x->header_bytes <= sizeof head ? head : bounce(e, x->header_bytes);
+    write_header(x, m->index, p->send_seq, h);
+    uint64_t hend = end < x->header_bytes ? end : x->header_bytes;
+    memcpy(at, h + pos, hend - pos);
+    at += hend - pos;
+    pos = hend;
+    if (hend == x->header_bytes) p->send_seq++;
+  }
+  if (pos < end) gather_bytes(e, m, pos - x->header_bytes, end - x->header_bytes, at);
+  const uint64_t used = end - start;
+  const int slot = (int)(chunk % (uint64_t)e->slots);
+  if (p->mode == PEER_DIRECT) {
+    pe_window_signal(p->window, landed_signal(e->rank, slot), 1);
+    e->stats.bytes_direct += used;
+  } else {
+    portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_PUT_SIGNAL,
+                             .signal_slot = (uint16_t)landed_signal(e->rank, slot), .dst_rank = (uint32_t)pr,
+                             .src_offset = stage_offset(e, pr, chunk), .dst_offset = recv_offset(e, e->rank, chunk),
+                             .length = (uint32_t)used, .signal_value = 1};
+    push_descriptor(e, p, &d);
+    e->stats.bytes_staged += used;
+  }
+  p->sent_chunks++;
+  e->stats.chunks_written++;
+  m->sent = end;
+  if (end == m->total) {
+    pe_exchange_t *mx = m->x;
+    mx->to_done[m->index] = 1;
+    mx->pending_to--;
+    p->out_head = m->next;
+    if (p->out_head == NULL) p->out_tail = NULL;
+    free(m);
+    release(mx);
+  }
+  return 1;
+}
+
+// ------------------------------------------------------------------------------ receiving
+static void scatter_bytes(in_msg_t *m, uint64_t a, uint64_t b, const uint8_t *src) {
+  const pe_exchange_t *x = m->x;
+  const uint64_t rb = (uint64_t)x->row_bytes;
+  if (rb == 0) return;
+  const pe_recv_t *r = &x->recvs[m->index];
+  const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
+  const int64_t *index = (const int64_t *)(uintptr_t)r->index;
+  const float *weights = (const float *)(uintptr_t)r->weights;
+  uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
+  int64_t row = (int64_t)(a / rb);
+  uint64_t off = a % rb;
+  while (a < b) {
+    uint64_t take = rb - off < b - a ? rb - off : b - a;
+    const int64_t dst = index ? index[row] : r->first + row;
+    const float w = weights ? weights[row] : 1.0f;
+    const uint8_t *bytes = src;
+    if (off != 0 || take != rb) {  // a row that straddles two chunks: assembled, then applied
+      memcpy(m->partial + off, src, take);
+      bytes = off + take == rb ? m->partial : NULL;
+    }
+    if (bytes != NULL) {
+      pe_scatter_row(fields, r->nfields, dst, w, touched ? !touched[dst] : 0, bytes);
+      if (touched) touched[dst] = 1;
+    }
+    src += take;
+    a += take;
+    row++;
+    off = 0;
+  }
+}
+
+static int landed(const pe_engine_t *e, int pr, uint64_t chunk) {
+  const int slot = (int)(chunk % (uint64_t)e->slots);
+  return pe_load_acquire_i64(&e->window->signals[landed_signal(pr, slot)]) >= (int64_t)(chunk / (uint64_t)e->slots) + 1;
+}
+
+static int check_header(pe_engine_t *e, int pr, in_msg_t *m, const header_t *h, char *err) {
+  pe_exchange_t *x = m->x;
+  peer_t *p = &e->peers[pr];
+  char op[OP_CHARS + 1];
+  memcpy(op, h->op, OP_CHARS);
+  op[OP_CHARS] = '\0';
+  if (h->magic != HEADER_MAGIC) {
+    pe_err(err, "%s: corrupt message from rank %d (bad magic)", x->op, pr);
+    return fail(e, PE_ERR_PROTOCOL, pr);
+  }
+  if (h->seq != p->recv_seq || strncmp(op, x->op, OP_CHARS) != 0) {
+    pe_err(err, "%s: rank %d is in '%s' (its call #%u with this rank) while rank %d is in '%s' (call #%u): ranks "
+           "called portep operations in different orders", x->op, pr, op, h->seq, e->rank, x->op, p->recv_seq);
+    return fail(e, PE_ERR_PROTOCOL, pr);
+  }
+  if ((int64_t)h->row_bytes != x->row_bytes || h->ncounts != x->ncounts) {
+    pe_err(err, "%s: rank %d sends rows of %u bytes, rank %d expects %lld: ranks disagree on the shape (hidden, "
+           "top-k, dtype or buffer sizes)", x->op, pr, h->row_bytes, e->rank, (long long)x->row_bytes);
+    return fail(e, PE_ERR_PROTOCOL, pr);
+  }
+  p->recv_seq++;
+  m->header_seen = 1;
+  m->total = x->header_bytes + h->nrows * (uint64_t)x->row_bytes;
+  x->rows[m->index] = (int64_t)h->nrows;
+  if (x->ncounts)
+    memcpy(&x->counts[(int64_t)m->index * x->ncounts], (const uint8_t *)h + HEADER_BYTES, (size_t)x->ncounts * 4);
+  x->header_known[m->index] = 1;
+  return 0;
+}
+
+static int check_rows(pe_engine_t *e, int pr, in_msg_t *m, char *err) {
+  const pe_exchange_t *x = m->x;
+  const pe_recv_t *r = &x->recvs[m->index];
+  if (r->expect_rows >= 0 && r->expect_rows != x->rows[m->index]) {
+    pe_err(err, "%s: rank %d sent %lld row(s), rank %d expected %lld", x->op, pr, (long long)x->rows[m->index],
+           e->rank, (long long)r->expect_rows);
+    return fail(e, PE_ERR_PROTOCOL, pr);
+  }
+  if (x->row_bytes && m->partial == NULL && (m->partial = malloc((size_t)x->row_bytes)) == NULL) {
+    pe_err(err, "%s: out of memory", x->op);
+    return fail(e, PE_ERR_USAGE, -1);
+  }
+  return 0;
+}
+
+static void hand_back_credit(pe_engine_t *e, int pr) {
+  peer_t *p = &e->peers[pr];
+  if (p->mode == PEER_DIRECT)
+    pe_window_signal(p->window, credit_signal(e->rank), 1);
+  else
+    p->credit_owed++;
+}
+
+// Consume the next landed chunk from peer `pr`; returns 1 if one was consumed, 0 if none could
+// be, -1 on error.
+static int recv_chunk(pe_engine_t *e, int pr, char *err) {
+  peer_t *p = &e->peers[pr];
+  in_msg_t *m = p->in_head;
+  if (m == NULL || !landed(e, pr, p->consumed_chunks)) return 0;
+  const uint8_t *src = e->window->data + recv_offset(e, pr, p->consumed_chunks);
+  pe_exchange_t *x = m->x;
+  if (!m->header_seen && check_header(e, pr, m, (const header_t *)src, err) != 0) return -1;
+  if (x->recvs == NULL) return 0;  // the caller has not said where the rows go yet
+  if (m->received == 0 && check_rows(e, pr, m, err) != 0) return -1;
+  const uint64_t start = m->received;
+  const uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
+  uint64_t pos = start < x->header_bytes ? (end < x->header_bytes ? end : x->header_bytes) : start;
+  if (pos < end) scatter_bytes(m, pos - x->header_bytes, end - x->header_bytes, src + (pos - start));
+  m->received = end;
+  p->consumed_chunks++;
+  e->stats.chunks_read++;
+  hand_back_credit(e, pr);
+  if (end == m->total) {
+    x->from_done[m->index] = 1;
+    x->pending_from--;
+    p->in_head = m->next;
+    if (p->in_head == NULL) p->in_tail = NULL;
+    free(m->partial);
+    free(m);
+    release(x);
+  }
+  return 1;
+}
+
+// This rank's rows to itself: straight from the source tensors to the destination ones, row by
+// row through a one-row bounce buffer (it stays in the cache).
+static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
+  int i = 0;
+  while (x->peers[i] != e->rank) ++i;
+  if (x->from_done[i] || x->recvs == NULL) return 0;
+  const pe_recv_t *r = &x->recvs[i];
+  const int64_t rows = x->rows[i];
+  if (r->expect_rows >= 0 && r->expect_rows != rows) {
+    pe_err(err, "%s: rank %d sends %lld row(s) to itself, expected %lld", x->op, e->rank, (long long)rows,
+           (long long)r->expect_rows);
+    return fail(e, PE_ERR_USAGE, -1);
+  }
+  uint8_t *row = x->row_bytes ? bounce(e, (uint64_t)x->row_bytes) : NULL;
+  if (x->row_bytes && row == NULL) {
+    pe_err(err, "%s: out of memory", x->op);
+    return fail(e, PE_ERR_USAGE, -1);
+  }
+  const pe_send_t *send = &x->sends[i];
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)send->segments;
+  const pe_field_t *rfields = (const pe_field_t *)(uintptr_t)r->fields;
+  const int64_t *rindex = (const int64_t *)(uintptr_t)r->index;
+  const float *weights = (const float *)(uintptr_t)r->weights;
+  uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
+  int64_t out = 0;
+  for (int s = 0; x->row_bytes && s < send->nsegments; ++s) {
+    const pe_segment_t *seg = &segs[s];
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
+    const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
+    for (int64_t k = 0; k < seg->nrows; ++k, ++out) {
+      const int64_t dst = rindex ? rindex[out] : r->first + out;
+      pe_gather_row(fields, seg->nfields, index ? index[k] : seg->first + k, row);
+      pe_scatter_row(rfields, r->nfields, dst, weights ? weights[out] : 1.0f, touched ? !touched[dst] : 0, row);
+      if (touched) touched[dst] = 1;
+    }
+  }
+  e->stats.bytes_local += (uint64_t)(rows * x->row_bytes);
+  x->from_done[i] = 1;
+  x->pending_from--;
+  return 1;
+}
+
+static void flush_credits(pe_engine_t *e) {
+  for (int pr = 0; pr < e->world; ++pr) {
+    peer_t *p = &e->peers[pr];
+    if (p->credit_owed == 0) continue;
+    portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_SIGNAL,
+                             .signal_slot = (uint16_t)credit_signal(e->rank), .dst_rank = (uint32_t)pr,
+                             .signal_value = (int32_t)p->credit_owed};
+    push_descriptor(e, p, &d);
+    p->credit_owed = 0;
+  }
+}
+
+// One pass over every stream: consume what landed, write what credits allow. Returns chunks moved
+// (0: nothing to do), or -1 on error.
+static int progress(pe_engine_t *e, pe_exchange_t *x, char *err) {
+  int moved = 0;
+  int pushed = 0;
+  for (int k = 1; k < e->world; ++k) {
+    const int pr = (e->rank + k) % e->world;  // start after this rank: peers do not all hit rank 0 first
+    peer_t *p = &e->peers[pr];
+    if (p->mode == PEER_UNSET || p->gone) continue;
+    for (;;) {
+      int got = recv_chunk(e, pr, err);
+      if (got < 0) return -1;
+      if (!got) break;
+      moved++;
+    }
+    while (send_chunk(e, pr)) {
+      moved++;
+      pushed |= p->mode == PEER_PROXIED;
+    }
+  }
+  if (x != NULL) {
+    int local = move_local(e, x, err);
+    if (local < 0) return -1;
+    moved += local;
+  }
+  for (int pr = 0; pr < e->world; ++pr) pushed |= e->peers[pr].credit_owed != 0;
+  if (pushed) {
+    flush_credits(e);
+    if (e->proxy) pe_proxy_wake(e->proxy);
+  }
+  return moved;
+}
+
+// Fail if the exchange waits on a peer whose link failed, or on this rank's stopped proxy.
+static int check_links(pe_engine_t *e, pe_exchange_t *x, char *err) {
+  if (e->proxy && pe_proxy_status(e->proxy, NULL) != 0) {
+    char why[PE_ERR_LEN] = "";
+    pe_proxy_status(e->proxy, why);
+    pe_err(err, "%s: this rank's proxy stopped: %s", x->op, why);
+    return fail(e, PE_ERR_PROXY, e->rank);
+  }
+  for (int i = 0; i < x->npeers; ++i) {
+    if (x->to_done[i] && x->from_done[i]) continue;
+    peer_t *p = &e->peers[x->peers[i]];
+    char why[PE_ERR_LEN] = "";
+    if (p->mode == PEER_PROXIED && pe_proxy_rank_status(p->proxy, p->endpoint, x->peers[i], why) != 0) {
+      pe_err(err, "%s: rank %d is unreachable: %s", x->op, x->peers[i], why);
+      return fail(e, PE_ERR_PEER, x->peers[i]);
+    }
+    in_msg_t *head = p->in_head;
+    if (!x->from_done[i] && head != NULL && head->x != x && head->x->recvs == NULL && head->header_seen) {
+      pe_err(err, "%s: an earlier call's rows from rank %d are still waiting for their receive (call the receive "
+             "hooks in the order of the calls)", x->op, x->peers[i]);
+      return fail(e, PE_ERR_USAGE, -1);
+    }
+  }
+  return 0;
+}
+
+static int headers_done(const pe_exchange_t *x) {
+  for (int i = 0; i < x->npeers; ++i)
+    if (!x->header_known[i]) return 0;
+  return 1;
+}
+
+static int exchange_done(const pe_exchange_t *x) { return x->pending_to == 0 && x->pending_from == 0; }
+
+// Progress until `done(x)` or `wait_s` passed: 0, 1 (not yet) or -1.
+static int wait_for(pe_exchange_t *x, int (*done)(const pe_exchange_t *), double wait_s, char *err) {
+  pe_engine_t *e = x->e;
+  const double start = pe_now_s(), until = start + wait_s;
+  double last_check = start;
+  pe_backoff_t b;
+  pe_backoff_init(&b, SLEEP_SLICE_US);
+  pe_window_control_t *ctl = e->window->control;
+  for (;;) {
+    int moved = progress(e, x, err);
+    if (moved < 0) return -1;
+    if (done(x)) return 0;
+    if (moved) {
+      pe_backoff_reset(&b);
+      continue;
+    }
+    double now = pe_now_s();
+    if (now - last_check > LIVENESS_PERIOD_S) {
+      last_check = now;
+      if (check_links(e, x, err) != 0) return -1;
+    }
+    if (now >= until) return 1;
+    if (b.attempts < 48) {  // spin, then yield: the data is usually moments away
+      pe_backoff_step(&b);
+      continue;
+    }
+    // Sleep on this window's doorbell; whoever raises one of its signals rings it.
+    const uint32_t seen = pe_load_acquire_u32(&ctl->doorbell.ring);
+    pe_add_seq_u32(&ctl->doorbell.sleepers, 1);
+    moved = progress(e, x, err);  // a last look after announcing ourselves
+    if (moved == 0 && !done(x)) {
+      double left_us = (until - pe_now_s()) * 1e6;
+      uint32_t timeout = left_us < SLEEP_SLICE_US ? (left_us > 0 ? (uint32_t)left_us : 1) : SLEEP_SLICE_US;
+      e->stats.sleeps++;
+      pe_doorbell_wait(&ctl->doorbell, seen, timeout, 1);
+    }
+    __atomic_sub_fetch(&ctl->doorbell.sleepers, 1, __ATOMIC_SEQ_CST);
+    if (moved < 0) return -1;
+    if (moved > 0) pe_backoff_reset(&b);
+  }
+}
+
+int pe_exchange_headers(pe_exchange_t *x, double wait_s, int64_t *rows, int32_t *counts, char *err) {
+  int rc = headers_done(x) ? 0 : wait_for(x, headers_done, wait_s, err);
+  if (rc == 0) {
+    memcpy(rows, x->rows, (size_t)x->npeers * sizeof *rows);
+    if (x->ncounts) memcpy(counts, x->counts, (size_t)x->npeers * (size_t)x->ncounts * 4);
+  }
+  return rc;
+}
+
+int pe_exchange_set_recv(pe_exchange_t *x, const pe_recv_t *recvs, char *err) {
+  if (x->recvs != NULL) {
+    pe_err(err, "%s: the receive side was already set", x->op);
+    return fail(x->e, PE_ERR_USAGE, -1);
+  }
+  if (copy_recvs(x, recvs, err) != 0) return fail(x->e, PE_ERR_USAGE, -1);
+  return 0;
+}
+
+int pe_exchange_wait(pe_exchange_t *x, double wait_s, char *err) {
+  if (x->recvs == NULL) {
+    pe_err(err, "%s: set the receive side before waiting for the rows", x->op);
+    return fail(x->e, PE_ERR_USAGE, -1);
+  }
+  return exchange_done(x) ? 0 : wait_for(x, exchange_done, wait_s, err);
+}
+
+void pe_exchange_describe(pe_exchange_t *x, int32_t *state, char *text, size_t cap) {
+  pe_engine_t *e = x->e;
+  size_t used = 0;
+  text[0] = '\0';
+  for (int i = 0; i < x->npeers; ++i) {
+    state[i] = x->peers[i] == e->rank ? 0 : (x->to_done[i] ? 0 : 1) | (x->from_done[i] ? 0 : 2);
+    if (!state[i] || used + 1 >= cap) continue;
+    peer_t *p = &e->peers[x->peers[i]];
+    int n = 0;
+    if (!x->from_done[i]) {
+      uint64_t have = 0, total = 0;
+      int seen = 0;
+      for (in_msg_t *m = p->in_head; m != NULL; m = m->next)
+        if (m->x == x) {
+          have = m->received;
+          total = m->total;
+          seen = m->header_seen;
+        }
+      if (seen)
+        n = snprintf(text + used, cap - used, "%srank %d: %llu of %llu byte(s) missing", used ? "; " : "",
+                     x->peers[i], (unsigned long long)(total - have), (unsigned long long)total);
+      else
+        n = snprintf(text + used, cap - used, "%srank %d: nothing arrived", used ? "; " : "", x->peers[i]);
+    }
+    if (n > 0 && (size_t)n < cap - used) used += (size_t)n;
+    if (!x->to_done[i] && used + 1 < cap) {
+      n = snprintf(text + used, cap - used, "%srank %d: no credit for chunk %llu", used ? "; " : "", x->peers[i],
+                   (unsigned long long)p->sent_chunks);
+      if (n > 0 && (size_t)n < cap - used) used += (size_t)n;
+    }
+  }
+}
+
+void pe_exchange_dropped(pe_exchange_t *x, int32_t *dropped) {
+  for (int i = 0; i < x->npeers; ++i) dropped[i] = x->dropped[i];
+}
+
+void pe_exchange_free(pe_exchange_t *x) {
+  if (x != NULL) release(x);
+}
+
+// ------------------------------------------------------------------------------ dead peers
+void pe_engine_drop(pe_engine_t *e, int peer) {
+  if (peer < 0 || peer >= e->world || peer == e->rank) return;
+  peer_t *p = &e->peers[peer];
+  p->gone = 1;
+  while (p->out_head) {
+    out_msg_t *m = p->out_head;
+    p->out_head = m->next;
+    if (m->x->flags & PE_DROP_DEAD) mark_dropped(m->x, m->index);
+    release(m->x);
+    free(m);
+  }
+  while (p->in_head) {
+    in_msg_t *m = p->in_head;
+    p->in_head = m->next;
+    if (m->x->flags & PE_DROP_DEAD) mark_dropped(m->x, m->index);
+    release(m->x);
+    free(m->partial);
+    free(m);
+  }
+  p->out_tail = NULL;
+  p->in_tail = NULL;
+}
+
+int pe_engine_drain(pe_engine_t *e, const int32_t *skip, double timeout_s) {
+  const double deadline = pe_now_s() + timeout_s;
+  pe_backoff_t b;
+  pe_backoff_init(&b, SLEEP_SLICE_US);
+  char err[PE_ERR_LEN] = "";
+  for (;;) {
+    int owing = 0;
+    for (int pr = 0; pr < e->world; ++pr) {
+      peer_t *p = &e->peers[pr];
+      if (pr == e->rank || p->gone || p->mode == PEER_UNSET || (skip && skip[pr])) continue;
+      if (p->out_head || pe_load_acquire_i64(&e->window->signals[credit_signal(pr)]) < (int64_t)p->sent_chunks)
+        owing++;
+    }
+    if (owing == 0 || pe_now_s() > deadline) return owing;
+    if (progress(e, NULL, err) > 0)
+      pe_backoff_reset(&b);
+    else
+      pe_backoff_step(&b);
+  }
+}
+
+int pe_engine_error(pe_engine_t *e, int32_t *culprit) {
+  *culprit = e->culprit;
+  return e->error_kind;
+}
+
+void pe_engine_stats(pe_engine_t *e, pe_engine_stats_t *out) { *out = e->stats; }
+
+void pe_engine_destroy(pe_engine_t *e) {
+  if (e == NULL) return;
+  for (int pr = 0; pr < e->world; ++pr) {
+    peer_t *p = &e->peers[pr];
+    int gone = p->gone;
+    pe_engine_drop(e, pr);
+    p->gone = gone;
+  }
+  free(e->bounce);
+  free(e->peers);
+  free(e);
+}

@@ -1,0 +1,165 @@
+// The rank side of portep's data plane: credit-based streams between the ranks of one Buffer, with
+// the per-byte work fused into them.
+//
+// Every ordered pair of ranks (s, d) has one stream. d's window holds `slots` receive slots of
+// `chunk_bytes` for s; a message (a header, then its rows) is cut into chunks that go round the
+// slots. s writes chunk n only once d has handed back the credit of chunk n - slots, so at most
+// `slots` chunks are in flight per pair, whatever the fabric. Two kinds of counters make it:
+//   landed(s, k): chunks from s that used slot k and have fully arrived (one counter per slot, so
+//                 at most one put is in flight per counter: safe on fabrics that reorder);
+//   credit(d):    chunks d has consumed, in s's window.
+// A chunk for a peer on this node is stored straight into the peer's window (what NVLink / xGMI
+// stores do on a GPU), then its counter raised; a chunk for a peer on another node is written into
+// this rank's own staging slot and handed to the proxy as one PUT_SIGNAL descriptor, and credits
+// travel back as SIGNAL descriptors.
+//
+// The rows are gathered from the caller's tensors straight into the slot (fields, index lists,
+// dtype casts), and scattered or reduced (float32 accumulation, optional per-row weights) straight
+// out of the slot into the caller's output tensors: no packing buffers in between. The header of a
+// message carries its row count and a few int32 counts of the caller's choosing, so counts travel
+// with the data instead of in a round trip of their own; it also carries a per-pair sequence
+// number, the operation's name and the row width, so ranks that call different operations, or the
+// same one with different shapes, get an error naming the peer.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pe_proxy.h"
+#include "pe_window.h"
+
+#define PE_MAX_SLOTS 15  // receive slots per pair (one cache line of counters per peer)
+#define PE_SIGNALS_PER_PEER 16
+
+// element types (in memory and on the wire)
+enum pe_type { PE_U8 = 0, PE_I32 = 1, PE_I64 = 2, PE_BF16 = 3, PE_F16 = 4, PE_F32 = 5 };
+
+// what a field does
+enum pe_kind {
+  PE_GATHER = 0,     // send: elements of row index[i] (cast from mem_type to wire_type: F32 -> BF16/F16)
+  PE_ROW_INDEX = 1,  // send: the source row index itself, as wire_type I32 or I64
+  PE_SCATTER = 2,    // receive: wire elements into row index[i] (same type)
+  PE_REDUCE = 3,     // receive: float32 row index[i] += weight[i] * wire elements (BF16/F16/F32)
+  PE_SKIP = 4,       // receive: ignore these wire bytes
+};
+
+// Row r of a field starts at base + r * row_stride, or, with block_rows > 0 (a 3-D tensor seen as
+// rows), at base + (r / block_rows) * block_stride + (r % block_rows) * row_stride.
+typedef struct pe_field {
+  uint64_t base;         // address of row 0
+  int64_t row_stride;    // bytes between rows
+  int64_t elem_stride;   // bytes between the elements of a row
+  int64_t block_rows;    // rows per block, or 0
+  int64_t block_stride;  // bytes between blocks
+  int32_t count;         // elements per row
+  uint8_t mem_type;      // enum pe_type
+  uint8_t wire_type;     // enum pe_type
+  uint8_t kind;          // enum pe_kind
+  uint8_t pad;
+} pe_field_t;
+
+// Rows of a message taken from one set of tensors: row i is source row index[i] (or first + i).
+typedef struct pe_segment {
+  uint64_t fields;  // const pe_field_t *
+  uint64_t index;   // const int64_t *, or 0
+  int64_t first;
+  int64_t nrows;
+  int32_t nfields;
+  int32_t pad;
+} pe_segment_t;
+
+// The message to one peer: its segments back to back, and its header counts.
+typedef struct pe_send {
+  uint64_t segments;  // const pe_segment_t *
+  uint64_t counts;    // const int32_t * (ncounts of the exchange), or 0 for zeros
+  int32_t nsegments;
+  int32_t pad;
+} pe_send_t;
+
+// What to do with the rows from one peer: row i goes to destination row index[i] (or first + i).
+// `touched` (one byte per destination row, shared by every peer that reduces into the same rows)
+// spares the caller from zeroing the accumulators: the first row to reach a destination row is
+// stored (times its weight), later ones are added, and the byte is set.
+typedef struct pe_recv {
+  uint64_t fields;      // const pe_field_t *
+  uint64_t index;       // const int64_t *, or 0
+  uint64_t weights;     // const float * per received row for PE_REDUCE fields, or 0 (weight 1)
+  uint64_t touched;     // uint8_t * per destination row, or 0 (the accumulators hold their start values)
+  int64_t first;
+  int64_t expect_rows;  // the sender must send exactly this many, or -1 (learned from the header)
+  int32_t nfields;
+  int32_t pad;
+} pe_recv_t;
+
+// exchange flags
+#define PE_DROP_DEAD 1  // a peer dropped as dead completes with 0 rows instead of failing the exchange
+
+// error kinds (pe_engine_error)
+enum pe_error_kind {
+  PE_OK = 0,
+  PE_ERR_USAGE = 1,     // bad arguments (a bug of the caller)
+  PE_ERR_PROTOCOL = 2,  // a peer disagrees: other operation, order, shape or row count
+  PE_ERR_PEER = 3,      // a peer is unreachable (its link failed): `culprit` names it
+  PE_ERR_PROXY = 4,     // this rank's proxy stopped serving
+};
+
+typedef struct pe_engine pe_engine_t;
+typedef struct pe_exchange pe_exchange_t;
+
+typedef struct pe_engine_stats {
+  uint64_t chunks_written;
+  uint64_t chunks_read;
+  uint64_t messages_sent;
+  uint64_t messages_split;  // messages that spanned more than one chunk
+  uint64_t bytes_direct;    // payload bytes stored straight into same-node peers' windows
+  uint64_t bytes_staged;    // payload bytes staged for the proxy
+  uint64_t bytes_local;     // payload bytes a rank moved to itself
+  uint64_t descriptors;     // descriptors pushed to the proxy
+  uint64_t credit_stalls;   // times a stream waited for a credit
+  uint64_t sleeps;          // times the rank slept on its doorbell
+} pe_engine_stats_t;
+
+// A rank's engine for one Buffer. The window (created by the caller) must have
+// pe_engine_num_signals(world) signals and pe_engine_data_bytes(world, slots, chunk) data bytes.
+uint32_t pe_engine_num_signals(int world);
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes);
+pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, pe_window_t *window, char *err);
+// Peer `peer` is on this node: its window (mapped here) takes direct stores.
+int pe_engine_set_direct(pe_engine_t *e, int peer, pe_window_t *peer_window, char *err);
+// Peer `peer` is reached through `proxy` (endpoint `endpoint`, fed by `ring`).
+int pe_engine_set_proxied(pe_engine_t *e, int peer, pe_proxy_t *proxy, int endpoint, pe_ring_t *ring, char *err);
+
+// Start an exchange among `peers` (group ranks, this rank among them): queue one message to each
+// (`sends[i]` for peers[i]; rows of `row_bytes` wire bytes, `ncounts` header counts), and expect one
+// from each. `recvs` (one per peer) may be NULL, then set later with pe_exchange_set_recv (e.g.
+// once the header counts told the caller how big the outputs must be). The tensors the specs
+// point to must stay alive and unchanged until the exchange completes.
+pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, const int32_t *peers,
+                                 const pe_send_t *sends, int64_t row_bytes, int32_t ncounts, const pe_recv_t *recvs,
+                                 int flags, char *err);
+// Progress until every peer's header has arrived or `wait_s` passed. Returns 0 (then `rows[i]` and
+// `counts[i * ncounts ...]` hold what peers[i] sends; 0 for a dropped peer), 1 (not yet) or -1.
+int pe_exchange_headers(pe_exchange_t *x, double wait_s, int64_t *rows, int32_t *counts, char *err);
+int pe_exchange_set_recv(pe_exchange_t *x, const pe_recv_t *recvs, char *err);
+// Progress until the exchange completed or `wait_s` passed. Returns 0 (done), 1 (not yet) or -1.
+int pe_exchange_wait(pe_exchange_t *x, double wait_s, char *err);
+// Peers the exchange still waits for (bit 1: to send to, bit 2: to receive from) into `state`
+// (npeers entries), and a one-line account of what is missing into `text`.
+void pe_exchange_describe(pe_exchange_t *x, int32_t *state, char *text, size_t cap);
+// Peers dropped from it after they died (PE_DROP_DEAD), as 0/1 per peer.
+void pe_exchange_dropped(pe_exchange_t *x, int32_t *dropped);
+void pe_exchange_free(pe_exchange_t *x);
+
+// Give up on a dead peer: exchanges started with PE_DROP_DEAD complete without it, others keep
+// waiting (the caller's liveness check fails them); later exchanges leave it out.
+void pe_engine_drop(pe_engine_t *e, int peer);
+// Progress until every peer but the dropped ones and `skip` (0/1 per rank, may be NULL) has
+// consumed every chunk sent to it, or timeout_s passed. Returns the number of peers still owing.
+int pe_engine_drain(pe_engine_t *e, const int32_t *skip, double timeout_s);
+// The kind and culprit rank of the last error (-1: none in particular).
+int pe_engine_error(pe_engine_t *e, int32_t *culprit);
+void pe_engine_stats(pe_engine_t *e, pe_engine_stats_t *out);
+void pe_engine_destroy(pe_engine_t *e);
+
+// float32 rows to another float type (the end of a combine): dst[i] = src[i], n elements.
+void pe_cast_f32(void *dst, int dst_type, const float *src, int64_t n);

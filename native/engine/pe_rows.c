@@ -1,0 +1,318 @@
+// Row kernels (see pe_rows.h). The wide loops (copies, casts, float32 reductions) are compiled for
+// AVX2 and for the baseline, picked at load time; contraction into FMA is off (-ffp-contract=off)
+// so that a reduction rounds exactly as the reference's multiply-then-add does.
+#include "pe_rows.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PE_WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define PE_WIDE
+#endif
+
+int pe_type_size(int type) {
+  switch (type) {
+    case PE_U8:
+      return 1;
+    case PE_BF16:
+    case PE_F16:
+      return 2;
+    case PE_I32:
+    case PE_F32:
+      return 4;
+    case PE_I64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+int64_t pe_fields_wire_bytes(const pe_field_t *fields, int nfields) {
+  int64_t bytes = 0;
+  for (int i = 0; i < nfields; ++i) bytes += (int64_t)fields[i].count * pe_type_size(fields[i].wire_type);
+  return bytes;
+}
+
+int pe_fields_check(const pe_field_t *fields, int nfields, int sending, char *err) {
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    if (pe_type_size(f->wire_type) == 0 || f->count < 0) {
+      pe_err(err, "field %d: bad wire type %d or count %d", i, f->wire_type, f->count);
+      return -1;
+    }
+    int ok;
+    switch (f->kind) {
+      case PE_GATHER:
+        ok = sending && (f->mem_type == f->wire_type ||
+                         (f->mem_type == PE_F32 && (f->wire_type == PE_BF16 || f->wire_type == PE_F16)));
+        break;
+      case PE_ROW_INDEX:
+        ok = sending && (f->wire_type == PE_I32 || f->wire_type == PE_I64) && f->count == 1;
+        break;
+      case PE_SCATTER:
+        ok = !sending && f->mem_type == f->wire_type;
+        break;
+      case PE_REDUCE:
+        ok = !sending && f->mem_type == PE_F32 && f->elem_stride == 4 &&
+             (f->wire_type == PE_BF16 || f->wire_type == PE_F16 || f->wire_type == PE_F32);
+        break;
+      case PE_SKIP:
+        ok = 1;
+        break;
+      default:
+        ok = 0;
+    }
+    if (!ok) {
+      pe_err(err, "field %d: kind %d cannot take %s type %d to type %d", i, f->kind, sending ? "send" : "receive",
+             f->mem_type, f->wire_type);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+// --------------------------------------------------------------------------------- conversions
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+  _Float16 v;
+  memcpy(&v, &h, sizeof v);
+  return (float)v;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+  _Float16 v = (_Float16)f;
+  uint16_t h;
+  memcpy(&h, &v, sizeof h);
+  return h;
+}
+
+PE_WIDE static void cast_to_bf16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+PE_WIDE static void cast_to_f16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_f16(src[i]);
+}
+
+PE_WIDE static void add_bf16(float *restrict acc, const uint16_t *restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_f32(src[i]);
+}
+
+PE_WIDE static void add_bf16_weighted(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * bf16_to_f32(src[i]);
+}
+
+PE_WIDE static void add_f16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * f16_to_f32(src[i]);
+}
+
+PE_WIDE static void add_f32(float *restrict acc, const float *restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+}
+
+PE_WIDE static void add_f32_weighted(float *restrict acc, const float *restrict src, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
+}
+
+PE_WIDE static void set_bf16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
+  if (w == 1.0f) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = bf16_to_f32(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] = w * bf16_to_f32(src[i]);
+  }
+}
+
+PE_WIDE static void set_f16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = w * f16_to_f32(src[i]);
+}
+
+PE_WIDE static void set_f32(float *restrict acc, const float *restrict src, int64_t n, float w) {
+  if (w == 1.0f) {
+    memcpy(acc, src, (size_t)n * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] = w * src[i];
+  }
+}
+
+void pe_cast_f32(void *dst, int dst_type, const float *src, int64_t n) {
+  if (dst_type == PE_BF16)
+    cast_to_bf16(dst, src, n);
+  else if (dst_type == PE_F16)
+    cast_to_f16(dst, src, n);
+  else if (dst_type == PE_F32 && dst != (const void *)src)
+    memmove(dst, src, (size_t)n * sizeof(float));
+}
+
+static void strided_copy(uint8_t *dst, int64_t dst_stride, const uint8_t *src, int64_t src_stride, int count,
+                         int size) {
+  for (int j = 0; j < count; ++j) memcpy(dst + j * dst_stride, src + j * src_stride, (size_t)size);
+}
+
+// ------------------------------------------------------------------------------------ rows
+static inline uint8_t *row_at(const pe_field_t *f, int64_t r) {
+  uint8_t *base = (uint8_t *)(uintptr_t)f->base;
+  if (f->block_rows > 0) return base + (r / f->block_rows) * f->block_stride + (r % f->block_rows) * f->row_stride;
+  return base + r * f->row_stride;
+}
+
+void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t *dst) {
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    const int wsize = pe_type_size(f->wire_type);
+    const int64_t width = (int64_t)f->count * wsize;
+    const uint8_t *src = row_at(f, index);
+    if (f->kind == PE_GATHER) {
+      if (f->mem_type == f->wire_type) {
+        if (f->elem_stride == wsize)
+          memcpy(dst, src, (size_t)width);
+        else
+          strided_copy(dst, wsize, src, f->elem_stride, f->count, wsize);
+      } else if (f->elem_stride == 4) {
+        if (f->wire_type == PE_BF16)
+          cast_to_bf16((uint16_t *)dst, (const float *)src, f->count);
+        else
+          cast_to_f16((uint16_t *)dst, (const float *)src, f->count);
+      } else {
+        for (int j = 0; j < f->count; ++j) {
+          float v;
+          memcpy(&v, src + j * f->elem_stride, sizeof v);
+          uint16_t h = f->wire_type == PE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+          memcpy(dst + 2 * j, &h, 2);
+        }
+      }
+    } else if (f->kind == PE_ROW_INDEX) {
+      if (f->wire_type == PE_I32) {
+        int32_t v = (int32_t)index;
+        memcpy(dst, &v, sizeof v);
+      } else {
+        memcpy(dst, &index, sizeof index);
+      }
+    }
+    dst += width;
+  }
+}
+
+void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
+                    const uint8_t *src) {
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    const int wsize = pe_type_size(f->wire_type);
+    const int64_t width = (int64_t)f->count * wsize;
+    uint8_t *dst = row_at(f, index);
+    if (f->kind == PE_SCATTER) {
+      if (f->elem_stride == wsize)
+        memcpy(dst, src, (size_t)width);
+      else
+        strided_copy(dst, f->elem_stride, src, wsize, f->count, wsize);
+    } else if (f->kind == PE_REDUCE) {
+      float *acc = (float *)dst;
+      if (store) {  // the first contribution to this row: 0 + w * v, written without reading acc
+        if (f->wire_type == PE_BF16)
+          set_bf16(acc, (const uint16_t *)src, f->count, weight);
+        else if (f->wire_type == PE_F16)
+          set_f16(acc, (const uint16_t *)src, f->count, weight);
+        else
+          set_f32(acc, (const float *)src, f->count, weight);
+      } else if (f->wire_type == PE_BF16) {
+        if (weight == 1.0f)
+          add_bf16(acc, (const uint16_t *)src, f->count);
+        else
+          add_bf16_weighted(acc, (const uint16_t *)src, f->count, weight);
+      } else if (f->wire_type == PE_F16) {
+        add_f16(acc, (const uint16_t *)src, f->count, weight);
+      } else if (weight == 1.0f) {
+        add_f32(acc, (const float *)src, f->count);
+      } else {
+        add_f32_weighted(acc, (const float *)src, f->count, weight);
+      }
+    }
+    src += width;
+  }
+}
+
+// ------------------------------------------------------------------------------------ FP8 cast
+// float -> e4m3fn with round-to-nearest-even, as c10's fp8e4m3fn_from_fp32_value: magnitudes from
+// 480 up become NaN (0x7f), the smallest ones subnormals.
+static inline uint8_t f32_to_e4m3(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  // subnormal results: add 2^-... so that the float adder rounds, then take the low bits
+  const uint32_t denorm_mask = 141u << 23;
+  float magnitude, mask;
+  memcpy(&magnitude, &bits, sizeof magnitude);
+  memcpy(&mask, &denorm_mask, sizeof mask);
+  const float sum = magnitude + mask;
+  uint32_t sum_bits;
+  memcpy(&sum_bits, &sum, sizeof sum_bits);
+  const uint8_t subnormal = (uint8_t)(sum_bits - denorm_mask);
+  // normal results: round the mantissa to 3 bits, to nearest even, and rebias the exponent
+  const uint32_t mant_odd = (bits >> 20) & 1u;
+  const uint8_t normal = (uint8_t)((bits + ((uint32_t)(7 - 127) << 23) + 0x7ffffu + mant_odd) >> 20);
+  uint8_t out = bits < (121u << 23) ? subnormal : normal;
+  out = bits >= (1087u << 20) ? (uint8_t)0x7f : out;  // from 480 up (and NaN): NaN
+  return (uint8_t)(out | (sign >> 24));
+}
+
+PE_WIDE static void fp8_cast_group(const float *restrict values, float scale, uint8_t *restrict dst) {
+  for (int j = 0; j < 128; ++j) dst[j] = f32_to_e4m3(values[j] * scale);
+}
+
+PE_WIDE static float group_to_f32(const uint8_t *restrict src, int type, float *restrict values) {
+  float amax = 0.0f;
+  if (type == PE_BF16) {
+    const uint16_t *h = (const uint16_t *)src;
+    for (int j = 0; j < 128; ++j) values[j] = bf16_to_f32(h[j]);
+  } else if (type == PE_F16) {
+    const uint16_t *h = (const uint16_t *)src;
+    for (int j = 0; j < 128; ++j) values[j] = f16_to_f32(h[j]);
+  } else {
+    memcpy(values, src, 128 * sizeof(float));
+  }
+  for (int j = 0; j < 128; ++j) {
+    float a = fabsf(values[j]);
+    amax = a > amax ? a : amax;
+  }
+  return amax;
+}
+
+void pe_fp8_cast(const void *x, int type, int64_t rows, int64_t hidden, int64_t row_stride, uint8_t *out,
+                 float *scales, int round_scale) {
+  const int64_t groups = hidden / 128;
+  const int size = pe_type_size(type);
+  float values[128] __attribute__((aligned(64)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t *row = (const uint8_t *)x + r * row_stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      float amax = group_to_f32(row + g * 128 * size, type, values);
+      amax = amax > 1e-4f ? amax : 1e-4f;  // clamp(min=1e-4)
+      float scale, scale_inv;
+      if (round_scale) {
+        scale_inv = exp2f(ceilf(log2f(amax / 448.0f)));
+        scale = 1.0f / scale_inv;
+      } else {
+        scale = (1.0f / amax) * 448.0f;  // torch's scalar / tensor: a reciprocal, then a product
+        scale_inv = amax / 448.0f;
+      }
+      fp8_cast_group(values, scale, out + r * hidden + g * 128);
+      scales[r * groups + g] = scale_inv;
+    }
+  }
+}

@@ -1,0 +1,25 @@
+// Row kernels of the engine: gather a row from the caller's tensors into wire bytes, and scatter or
+// reduce wire bytes into the caller's tensors, field by field (see pe_field_t in pe_engine.h).
+#pragma once
+
+#include <stdint.h>
+
+#include "pe_engine.h"
+
+// Wire bytes of one row of `fields` (sum over fields of count * size of wire_type).
+int64_t pe_fields_wire_bytes(const pe_field_t *fields, int nfields);
+int pe_type_size(int type);
+// Check a field list for a send (`sending`) or a receive; 0 or -1 with `err`.
+int pe_fields_check(const pe_field_t *fields, int nfields, int sending, char *err);
+// Write source row `index` as wire bytes at `dst`.
+void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t *dst);
+// Apply the wire bytes at `src` to destination row `index` (scatter, or reduce with `weight`;
+// `store`: the row's first contribution, written instead of added).
+void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
+                    const uint8_t *src);
+
+// Per-token, per-128-channel cast to e4m3 (x: `rows` rows of `hidden` elements of `type`, rows
+// `row_stride` bytes apart): out = e4m3(x * scale) with scale = (1 / amax) * 448 (amax clamped to 1e-4),
+// scales = 1 / scale (a power of two with `round_scale`), exactly as portep.native.cpu.fp8_cast.
+void pe_fp8_cast(const void *x, int type, int64_t rows, int64_t hidden, int64_t row_stride, uint8_t *out,
+                 float *scales, int round_scale);
