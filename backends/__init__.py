@@ -1,7 +1,8 @@
 """Communication backends, chosen by name.
 
-``ring`` (the default): device-side copies inside a node, descriptor rings and a proxy process per
-rank driving a transport between nodes (:mod:`portep.backends.ring`).
+``ring`` (the default): the compiled engine — direct stores into peers' windows inside a node,
+descriptors and the process's proxy thread driving a transport between nodes
+(:mod:`portep.backends.ring`).
 ``collective``: torch.distributed all-to-all (gloo / NCCL / RCCL), the portable fallback.
 """
 
@@ -30,7 +31,7 @@ DEFAULT_BACKEND = "ring"
 
 
 def __getattr__(name: str) -> object:
-    if name in ("CommBackend", "PendingExchange", "Scope", "TrafficStats"):
+    if name in ("CommBackend", "PendingRows", "Scope", "TrafficStats"):
         from . import base
 
         return getattr(base, name)

@@ -1,7 +1,8 @@
 """The narrow interface every portep communication backend implements.
 
-The dispatch/combine algorithms (``portep.ht``, ``portep.ll``) decide *which* byte rows go
-*where*; a backend only moves them. It knows three scopes of peers:
+The dispatch/combine algorithms (``portep.ht``, ``portep.ll``) decide *which* rows go *where* and
+say it as a :class:`~portep.backends.plan.Plan`; a backend only carries it out. It knows three
+scopes of peers:
 
 * ``"world"``: every rank of the group, indexed by group rank;
 * ``"node"``: the ranks of this rank's node, indexed by local rank (NVLink / xGMI / shared memory);
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from portep.topology import Topology
 
-Scope = Literal["world", "node", "peers"]
+from .plan import Gather, Plan, Receive, RowLayout, Scope, WireColumn
 
 
 @dataclass
@@ -37,25 +37,31 @@ class TrafficStats:
         self.exchanges += 1
 
 
-class PendingExchange(ABC):
-    """An exchange in flight; :meth:`wait` returns the received byte rows."""
-
-    recv_counts: list[int]
+class PendingRows(ABC):
+    """An exchange in flight (see :meth:`CommBackend.start`)."""
 
     @abstractmethod
-    def wait(self) -> torch.Tensor:
-        """Block until every row has arrived (or the deadline passes) and return them:
-        uint8 `[sum(recv_counts), row_bytes]`, grouped by sender in scope order."""
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        """Wait until every peer's header arrived; rows each peer of the scope sends, and the int32
+        ``[scope_size, k]`` counts that travelled with them (zeros from excluded or dropped ranks)."""
+
+    @abstractmethod
+    def receive(self, receives: list[Receive | None]) -> None:
+        """Say where each peer's rows go (for a plan started without ``receives``)."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block until every row has been sent and received (or the deadline passes)."""
 
     @property
     def dropped(self) -> frozenset[int]:
         """World ranks dropped from the exchange after they died (0 rows from them); see
-        ``drop_dead`` of :meth:`CommBackend.start_exchange`."""
+        :attr:`Plan.drop_dead`."""
         return frozenset()
 
 
 class CommBackend(ABC):
-    """Moves byte rows between the ranks of one group."""
+    """Carries out exchange plans among the ranks of one group."""
 
     name: str = "abstract"
 
@@ -78,60 +84,46 @@ class CommBackend(ABC):
         """This rank's index within ``scope``."""
         return self.scope_ranks(scope).index(self.topology.rank)
 
+    def start(self, plan: Plan) -> PendingRows:
+        """Start ``plan``: its rows leave (as the peers make room), its headers and rows arrive as
+        :class:`PendingRows` is waited on. The plan's tensors must stay alive and unchanged until
+        the exchange completed."""
+        me = self.scope_index(plan.scope)
+        rows = sum(g.rows for p, gathers in enumerate(plan.sends) if p != me for g in gathers)
+        self.stats.record(plan.scope, rows, plan.layout.row_bytes)
+        return self._start(plan)
+
     @abstractmethod
-    def start_exchange(
-        self,
-        rows: torch.Tensor,
-        send_counts: list[int],
-        recv_counts: list[int] | None,
-        scope: Scope,
-        op: str,
-        exclude: frozenset[int] = frozenset(),
-        drop_dead: bool = False,
-    ) -> PendingExchange:
-        """Send ``rows`` (uint8 `[sum(send_counts), row_bytes]`, grouped by destination in scope
-        order) and start receiving. ``recv_counts`` may be None, then the backend learns them
-        from the senders first. ``op`` names the public operation for error messages.
+    def _start(self, plan: Plan) -> PendingRows:
+        """Backend part of :meth:`start`."""
 
-        ``exclude``: world ranks left out (masked, possibly dead), to which nothing is sent
-        (their ``send_counts`` must be 0) and from which 0 rows are received. Backends that
-        cannot leave a rank out of a collective send it empty messages instead.
+    def run(self, plan: Plan) -> PendingRows:
+        """:meth:`start` ``plan`` (with its receives) and wait for it."""
+        pending = self.start(plan)
+        pending.wait()
+        return pending
 
-        ``drop_dead``: a rank that dies while the exchange is in flight is dropped from it (as if
-        masked, see :attr:`PendingExchange.dropped`) instead of failing it — DeepEP's shrink mode.
-        Backends that cannot tell a dead rank (collectives) ignore it and fail as usual."""
+    def exchange_counts(self, counts: torch.Tensor, op: str) -> torch.Tensor:
+        """Send row ``r`` of int32 ``[num_ranks, k]`` ``counts`` to rank ``r``; returns the
+        ``[num_ranks, k]`` rows received, row ``r`` from rank ``r``."""
+        world = self.scope_size("world")
+        counts = counts.to(torch.int32).contiguous()
+        pending = self.start(Plan(op, "world", RowLayout([WireColumn(torch.int32, 1)]), [[] for _ in range(world)],
+                                  counts=counts, receives=[Receive([None]) for _ in range(world)]))
+        return pending.headers()[1]
 
-    def exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
-        exclude: frozenset[int] = frozenset(),
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Blocking :meth:`start_exchange`: returns the received rows and their counts."""
-        pending = self.start_exchange(rows, send_counts, recv_counts, scope, op, exclude)
-        return pending.wait(), pending.recv_counts
+    def barrier(self, op: str) -> None:
+        """Wait until every rank of the group has arrived."""
+        world = self.scope_size("world")
+        self.run(Plan(op, "world", RowLayout([]), [[] for _ in range(world)],
+                      receives=[Receive([]) for _ in range(world)]))
 
-    def exchange_counts(self, counts: torch.Tensor, op: str, exclude: frozenset[int] = frozenset(),
-                        drop_dead: bool = False) -> tuple[torch.Tensor, frozenset[int]]:
-        """Send row ``r`` of int64 `[num_ranks, k]` ``counts`` to rank ``r`` (world scope); return the
-        `[num_ranks, k]` rows received, row ``r`` from rank ``r`` (zeros from ``exclude`` and from
-        ranks dropped after they died, which come second)."""
-        num_ranks = counts.size(0)
-        keep = [r for r in range(num_ranks) if r not in exclude or r == self.topology.rank]
-        rows = counts.to(torch.int64).contiguous()[keep].view(torch.uint8).view(len(keep), -1)
-        ones = [int(r in keep) for r in range(num_ranks)]
-        pending = self.start_exchange(rows, ones, ones, "world", op, exclude, drop_dead)
-        got = pending.wait()
-        arrived = [r for r in keep if r not in pending.dropped]
-        out = torch.zeros_like(counts, dtype=torch.int64)
-        out[arrived] = got.contiguous().view(torch.int64).view(len(arrived), -1)
-        return out, pending.dropped
+    def abandon(self, op: str, reason: str) -> None:  # noqa: B027 (optional hook)
+        """Give up on this backend's in-flight state after ``op`` failed above it (for ``reason``)."""
 
     def dead_ranks(self) -> dict[int, str]:
         """Ranks known to be dead, and how that was detected (none when the backend cannot tell)."""
         return {}
-
-    @abstractmethod
-    def barrier(self, op: str) -> None:
-        """Wait until every rank of the group has arrived."""
 
     def data_path_stats(self) -> dict[str, int]:
         """Counters of the machinery under this backend (e.g. its proxy), by name; none by default."""
@@ -141,12 +133,5 @@ class CommBackend(ABC):
         """Release resources; the backend is unusable afterwards."""
 
 
-class Completed(PendingExchange):
-    """An exchange that needed no communication (a scope of one rank)."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows = rows
-        self.recv_counts = [rows.size(0)]
-
-    def wait(self) -> torch.Tensor:
-        return self.rows
+__all__ = ["CommBackend", "Gather", "PendingRows", "Plan", "Receive", "RowLayout", "Scope", "TrafficStats",
+           "WireColumn"]

@@ -12,10 +12,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from portep.errors import CommTimeoutError, TransportError
+from portep.errors import CommTimeoutError, PortepError, TransportError
 from portep.topology import Topology
 
-from .base import CommBackend, Completed, PendingExchange, Scope
+from .base import CommBackend, PendingRows
+from .plan import Plan, Receive, Scope, apply_rows, pack_rows
 
 
 def _wait(work: dist.Work, op: str, timeout_s: float) -> None:
@@ -30,19 +31,82 @@ def _wait(work: dist.Work, op: str, timeout_s: float) -> None:
         raise CommTimeoutError(op, timeout_s)
 
 
-class _CollectivePending(PendingExchange):
-    def __init__(self, work: dist.Work, out: torch.Tensor, recv_counts: list[int], op: str, timeout_s: float,
-                 device: torch.device):
-        self.work, self.out, self.recv_counts = work, out, recv_counts
-        self.op, self.timeout_s, self.device = op, timeout_s, device
-        self.done = False
+class _CollectivePending(PendingRows):
+    """A plan carried out as two all-to-alls: row counts and header counts first, then the rows."""
 
-    def wait(self) -> torch.Tensor:
-        if not self.done:
+    def __init__(self, backend: CollectiveBackend, plan: Plan, group: dist.ProcessGroup | None) -> None:
+        self.plan, self.group, self.op, self.timeout_s = plan, group, plan.op, backend.timeout_s
+        scope = len(plan.sends)
+        device = _device_of(plan)
+        self.device = device
+        self.comm_device = torch.device("cpu") if device.type != "cpu" and _is_gloo(group) else device
+        self.send_rows = [sum(g.rows for g in gathers) for gathers in plan.sends]
+        meta = torch.zeros(scope, 1 + plan.num_counts, dtype=torch.int64)
+        meta[:, 0] = torch.tensor(self.send_rows, dtype=torch.int64)
+        if plan.counts is not None:
+            meta[:, 1:] = plan.counts.to(torch.int64).cpu()
+        got = meta if group is None else torch.empty_like(meta)
+        if group is not None:
+            _wait(dist.all_to_all_single(got, meta, group=group, async_op=True), f"{plan.op} (exchanging counts)",
+                  self.timeout_s)
+        # Excluded ranks take part (a collective cannot leave them out); what they send is dropped.
+        me = backend.scope_index(plan.scope)
+        self.excluded = {i for i, r in enumerate(backend.scope_ranks(plan.scope)) if r in plan.exclude and i != me}
+        self.recv_rows = got[:, 0].tolist()
+        got[sorted(self.excluded)] = 0
+        self.counts = got[:, 1:].to(torch.int32)
+        self.rows = pack_rows([g for gathers in plan.sends for g in gathers], plan.layout, device).to(self.comm_device)
+        self.work: dist.Work | None = None
+        self.out: torch.Tensor | None = None
+        self.receives: list[Receive | None] | None = None
+        self.done = False
+        if plan.receives is not None:
+            self.receive(plan.receives)
+
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        return [0 if i in self.excluded else n for i, n in enumerate(self.recv_rows)], self.counts
+
+    def receive(self, receives: list[Receive | None]) -> None:
+        self.receives = [None if i in self.excluded else r for i, r in enumerate(receives)]
+        for i, (got, receive) in enumerate(zip(self.recv_rows, self.receives, strict=True)):
+            want = None if receive is None else receive.rows if receive.rows is not None else (
+                receive.index.numel() if receive.index is not None else None)
+            if want is not None and want != got:
+                raise PortepError(f"{self.op}: peer {i} of the scope sent {got} row(s), {want} expected")
+        out = torch.empty(sum(self.recv_rows), self.plan.layout.row_bytes, dtype=torch.uint8, device=self.comm_device)
+        if self.group is None:
+            out = self.rows
+        elif out.numel() or self.rows.numel():
+            self.work = dist.all_to_all_single(out, self.rows, self.recv_rows, self.send_rows, group=self.group,
+                                               async_op=True)
+        self.out = out
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        if self.receives is None:
+            raise RuntimeError(f"{self.op}: say where the rows go (receive) before waiting")
+        if self.work is not None:
             _wait(self.work, self.op, self.timeout_s)
-            self.out = self.out.to(self.device)
-            self.done = True
-        return self.out
+        rows = self.out.to(self.device)
+        at = 0
+        for count, receive in zip(self.recv_rows, self.receives, strict=True):
+            if receive is not None:
+                apply_rows(rows[at : at + count], receive, self.plan.layout)
+            at += count
+        self.done = True
+
+
+def _device_of(plan: Plan) -> torch.device:
+    for gathers in plan.sends:
+        for gather in gathers:
+            for column in gather.columns:
+                return column.device
+    return torch.device("cpu")
+
+
+def _is_gloo(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and dist.get_backend(group) == "gloo"
 
 
 class CollectiveBackend(CommBackend):
@@ -72,29 +136,10 @@ class CollectiveBackend(CommBackend):
         else:
             self._groups["peers"] = group
 
-    def start_exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
-        exclude: frozenset[int] = frozenset(), drop_dead: bool = False,
-    ) -> PendingExchange:
+    def _start(self, plan: Plan) -> PendingRows:
         # A collective cannot leave a rank out: excluded ranks take part, with empty messages; and
         # it cannot tell a dead rank, so ``drop_dead`` changes nothing (the deadline fails it).
-        me = self.scope_index(scope)
-        self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
-        group = self._groups[scope]
-        if group is None:  # a scope of one rank
-            return Completed(rows)
-        device = rows.device
-        if device.type != "cpu" and dist.get_backend(group) == "gloo":
-            rows = rows.cpu()  # gloo moves host memory: stage device rows
-        if recv_counts is None:
-            counts_in = torch.tensor(send_counts, dtype=torch.int64, device=rows.device)
-            counts_out = torch.empty_like(counts_in)
-            work = dist.all_to_all_single(counts_out, counts_in, group=group, async_op=True)
-            _wait(work, f"{op} (exchanging counts)", self.timeout_s)
-            recv_counts = counts_out.tolist()
-        out = torch.empty(sum(recv_counts), rows.size(1), dtype=rows.dtype, device=rows.device)
-        work = dist.all_to_all_single(out, rows, recv_counts, send_counts, group=group, async_op=True)
-        return _CollectivePending(work, out, recv_counts, op, self.timeout_s, device)
+        return _CollectivePending(self, plan, self._groups[plan.scope])
 
     def barrier(self, op: str) -> None:
         _wait(dist.barrier(group=self._groups["world"], async_op=True), op, self.timeout_s)

@@ -1,15 +1,19 @@
-"""The ring backend: portep's own data path (DESIGN: the control/data-plane split).
+"""The ring backend: portep's own data path (DESIGN: the control/data-plane split), driven by the
+compiled engine (:mod:`portep.native.engine`).
 
-Each rank owns a shared-memory window (:mod:`portep.proxy.window`), a descriptor ring and a proxy
-process that drives a transport. Rows move as credit-based streams (:mod:`portep.proxy.streams`):
+Each rank of a Buffer owns a shared-memory window and a descriptor ring; the engine moves rows as
+credit-based streams between windows (see ``native/engine/pe_engine.h``):
 
-* to a rank on the same node, the rank copies straight into the peer's window (what NVLink /
-  xGMI stores do on a GPU);
-* to a rank on another node, it stages the bytes in its own window and writes PUT_SIGNAL
-  descriptors into its ring; its proxy posts them on the transport, and the receiving proxy
-  applies the signal once every byte landed.
+* to a rank on the same node, the rank's engine gathers the rows straight into the peer's window
+  (what NVLink / xGMI stores do on a GPU), and the peer scatters or reduces them straight out of it;
+* to a rank on another node, it gathers them into its own staging slots and writes one PUT_SIGNAL
+  descriptor per chunk into its ring; the process's proxy thread posts it on the transport, and
+  the signal is applied on the far side only once every byte it guards has landed.
 
-The transport between nodes is chosen from what the machine has (``PORTEP_TRANSPORT`` forces one).
+This module is the Python side of that: rendezvous on the control plane, plans turned into the
+engine's specs, the waits (with the deadline and the liveness checks that name a dead rank), stats
+and teardown. With ``PORTEP_FAULTS`` set, every peer goes through the proxy and the software fabric,
+so that the faults touch every byte (a one-node job included).
 """
 
 from __future__ import annotations
@@ -17,75 +21,247 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from portep.deadlines import number_from_env
-from portep.errors import PeerFailureError, PortepError
-from portep.proxy.process import ProxyProcess
-from portep.proxy.ring import DescriptorRing
+from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
+from portep.native import engine as native
+from portep.proxy import service
 from portep.proxy.session import session_for
-from portep.proxy.streams import Channel, DirectChannel, ProxyChannel, StreamEngine, StreamExchange, StreamLayout
-from portep.proxy.window import Window
 from portep.topology import Topology
 
-from .base import CommBackend, PendingExchange, Scope
-from .transports import auto_transport_name
+from .base import CommBackend, PendingRows
+from .plan import Gather, Plan, Receive, RowLayout, WireColumn, apply_rows, pack_rows
 
 CHUNK_ENV = "PORTEP_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 1 << 20
+SLOTS_ENV = "PORTEP_CHUNK_SLOTS"
+DEFAULT_CHUNK_BYTES = 256 << 10
+DEFAULT_SLOTS = 8
 RING_CAPACITY = 4096
+WAIT_SLICE_S = 0.05  # how long one engine wait runs before the liveness checks look again
 FAILURE_POLL_S = 0.25  # how often a waiting rank asks the control plane whether a peer gave up
 CLOSE_DRAIN_S = 10.0  # the longest close() waits for peers to consume this rank's last messages
 
 T = TypeVar("T")
 
+_TYPES = {torch.uint8: native.U8, torch.int8: native.U8, torch.bool: native.U8, torch.float8_e4m3fn: native.U8,
+          torch.int32: native.I32, torch.int64: native.I64, torch.bfloat16: native.BF16, torch.float16: native.F16,
+          torch.float32: native.F32}
 
-def chunk_bytes_from_env() -> int:
-    return int(number_from_env(CHUNK_ENV, DEFAULT_CHUNK_BYTES, kind=int, minimum=4096, unit="bytes"))
+
+def stream_layout_from_env() -> tuple[int, int]:
+    """(chunk bytes, slots per pair of ranks) of the streams: ``PORTEP_CHUNK_BYTES``, ``PORTEP_CHUNK_SLOTS``."""
+    chunk = int(number_from_env(CHUNK_ENV, DEFAULT_CHUNK_BYTES, kind=int, minimum=4096, unit="bytes"))
+    slots = int(number_from_env(SLOTS_ENV, DEFAULT_SLOTS, kind=int, minimum=1, unit="slots"))
+    if chunk % 64:
+        raise ValueError(f"{CHUNK_ENV}={chunk} must be a multiple of 64")
+    if slots > 15:
+        raise ValueError(f"{SLOTS_ENV}={slots}: at most 15 slots per pair of ranks")
+    return chunk, slots
 
 
-class _RingPending(PendingExchange):
-    def __init__(self, backend: RingBackend, exchange: StreamExchange, keep: list[int], scope_size: int,
-                 device: torch.device) -> None:
-        self.backend, self.exchange = backend, exchange
-        self.keep, self.scope_size, self.device = keep, scope_size, device
-        self.rows: torch.Tensor | None = None
+# ----------------------------------------------------------------------------- plans -> engine specs
+def _skip(nbytes: int) -> tuple:
+    return (0, 0, 1, 0, 0, nbytes, native.U8, native.U8, native.SKIP, 0)
 
-    @property
-    def recv_counts(self) -> list[int | None]:  # type: ignore[override]
-        """Rows from each rank of the scope (0 from excluded ranks; None until known)."""
-        counts: list[int | None] = [0] * self.scope_size
-        for i, count in zip(self.keep, self.exchange.recv_counts, strict=True):
-            counts[i] = count
-        return counts
 
-    def wait(self) -> torch.Tensor:
-        if self.rows is None:
-            rows = self.backend.guarded(self.exchange.op, lambda: self.backend.engine.wait(self.exchange))
-            # torch keeps numpy's strides, which are arbitrary for an empty array
-            self.rows = torch.from_numpy(rows) if rows.size else torch.empty(rows.shape, dtype=torch.uint8)
-            self.rows = self.rows.to(self.device)  # device rows were staged through host windows
-        return self.rows
+def _field(column: torch.Tensor, wire: WireColumn, kind: int) -> tuple:
+    size = column.element_size()
+    mem, wire_type = _TYPES[column.dtype], _TYPES[wire.dtype]
+    if column.dim() == 3:
+        block_rows, block_stride = column.size(1), column.stride(0) * size
+        row_stride, elem_stride = column.stride(1) * size, column.stride(2) * size
+    else:
+        block_rows = block_stride = 0
+        row_stride = column.stride(0) * size
+        elem_stride = column.stride(1) * size if column.dim() == 2 else size
+    return (column.data_ptr(), row_stride, elem_stride, block_rows, block_stride, wire.width, mem, wire_type, kind, 0)
+
+
+def _fields(layout: RowLayout, columns: Sequence[torch.Tensor | None], kind: int) -> np.ndarray:
+    rows, at = [], 0
+    for column, wire, offset in zip(columns, layout.columns, layout.offsets, strict=True):
+        if offset > at:
+            rows.append(_skip(offset - at))
+        rows.append(_skip(wire.nbytes) if column is None else _field(column, wire, kind))
+        at = offset + wire.nbytes
+    if layout.row_bytes > at:
+        rows.append(_skip(layout.row_bytes - at))
+    return np.array(rows, dtype=native.FIELD_DTYPE)
+
+
+def _index(index: torch.Tensor | None, keep: list[Any]) -> int:
+    if index is None:
+        return 0
+    index = index.to(torch.int64).contiguous()
+    keep.append(index)
+    return index.data_ptr()
+
+
+def _sends(plan: Plan, scope_indices: list[int], keep: list[Any]) -> np.ndarray:
+    sends = np.zeros(len(scope_indices), dtype=native.SEND_DTYPE)
+    counts = None if plan.counts is None else plan.counts.to(torch.int32).contiguous()
+    keep.append(counts)
+    for i, p in enumerate(scope_indices):
+        gathers = [g for g in plan.sends[p] if g.rows]
+        segments = np.zeros(len(gathers), dtype=native.SEGMENT_DTYPE)
+        for s, gather in enumerate(gathers):
+            fields = _fields(plan.layout, gather.columns, native.GATHER)
+            keep.append(fields)
+            segments[s] = (fields.ctypes.data, _index(gather.index, keep), gather.first, gather.rows, fields.size, 0)
+        keep.append(segments)
+        sends[i] = (segments.ctypes.data if gathers else 0, counts[p].data_ptr() if counts is not None else 0,
+                    len(gathers), 0)
+    return sends
+
+
+def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices: list[int], known: list[int] | None,
+           keep: list[Any]) -> np.ndarray:
+    """The engine's receive specs. Every spec that writes rows has an exact row count (the index's
+    length, or the header's), so a peer that sends more than expected fails instead of writing past
+    the destination."""
+    recvs = np.zeros(len(scope_indices), dtype=native.RECV_DTYPE)
+    for i, p in enumerate(scope_indices):
+        receive = receives[p] or Receive([None] * len(layout.columns))
+        rows = receive.rows if receive.rows is not None else receive.index.numel() if receive.index is not None \
+            else known[p] if known is not None else None
+        if rows is None and any(c is not None for c in receive.columns):
+            raise ValueError("a receive without an index needs its row count (or the headers first)")
+        fields = _fields(layout, receive.columns, native.REDUCE if receive.reduce else native.SCATTER)
+        keep.append(fields)
+        weights = touched = 0
+        if receive.weights is not None:
+            w = receive.weights.to(torch.float32).contiguous()
+            keep.append(w)
+            weights = w.data_ptr()
+        if receive.touched is not None:
+            if receive.touched.dtype != torch.uint8 or not receive.touched.is_contiguous():
+                raise ValueError("Receive.touched must be a contiguous uint8 tensor")
+            keep.append(receive.touched)
+            touched = receive.touched.data_ptr()
+        recvs[i] = (fields.ctypes.data, _index(receive.index, keep), weights, touched, receive.first,
+                    -1 if rows is None else rows, fields.size, 0)
+    return recvs
+
+
+def _on_device(plan: Plan) -> torch.device | None:
+    """The device of the plan's tensors when it is not the CPU (the engine reads host memory)."""
+    for gathers in plan.sends:
+        for gather in gathers:
+            for column in gather.columns:
+                if column.device.type != "cpu":
+                    return column.device
+    return None
+
+
+# ----------------------------------------------------------------------------- pending exchanges
+class _RingPending(PendingRows):
+    """A plan in the engine. ``scope_indices``: the scope positions of the exchange's peers."""
+
+    def __init__(self, backend: RingBackend, plan: Plan, exchange: native.Exchange, scope_indices: list[int],
+                 scope_ranks: list[int]) -> None:
+        self.backend, self.plan, self.exchange = backend, plan, exchange
+        self.scope_indices, self.scope_ranks = scope_indices, scope_ranks
+        self._headers: tuple[list[int], torch.Tensor] | None = None
+        self._dropped: frozenset[int] = frozenset()
+        self.done = False
+
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        if self._headers is None:
+            got = self.backend.wait(self.plan.op, self, lambda s: self.exchange.headers(s))
+            rows, counts = got
+            scope = len(self.scope_ranks)
+            all_rows = [0] * scope
+            all_counts = torch.zeros(scope, self.plan.num_counts, dtype=torch.int32)
+            for i, p in enumerate(self.scope_indices):
+                all_rows[p] = int(rows[i])
+            all_counts[self.scope_indices] = torch.from_numpy(counts.copy())
+            self._headers = (all_rows, all_counts)
+        return self._headers
+
+    def receive(self, receives: list[Receive | None]) -> None:
+        keep: list[Any] = []
+        known = self._headers[0] if self._headers is not None else None
+        recvs = _recvs(self.plan.layout, receives, self.scope_indices, known, keep)
+        self.backend.guarded(self.plan.op, lambda: self.exchange.set_recv(recvs, keep))
+
+    def wait(self) -> None:
+        if not self.done:
+            self.backend.wait(self.plan.op, self, lambda s: True if self.exchange.wait(s) else None)
+            self._dropped = self.dropped
+            self.done = True
+            self.exchange.free()
 
     @property
     def dropped(self) -> frozenset[int]:
-        return frozenset(self.exchange.dropped)
+        if self.done:
+            return self._dropped
+        flags = self.exchange.dropped()
+        return frozenset(self.scope_ranks[p] for i, p in enumerate(self.scope_indices) if flags[i])
+
+    def pending_ranks(self) -> tuple[set[int], str]:
+        state, text = self.exchange.describe()
+        return {self.scope_ranks[p] for i, p in enumerate(self.scope_indices) if state[i]}, text
+
+    def excluded(self) -> frozenset[int]:
+        return self.plan.exclude
 
 
-def _release(proxy: ProxyProcess | None, windows: list[Window], ring: DescriptorRing) -> None:
-    if proxy is not None:
-        proxy.stop()
+class _StagedPending(PendingRows):
+    """A plan on device tensors: rows packed on the device, moved through host memory as byte rows by
+    the engine, applied on the device."""
+
+    def __init__(self, backend: RingBackend, plan: Plan, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+        self.bytes_layout = RowLayout([WireColumn(torch.uint8, plan.layout.row_bytes)] if plan.layout.row_bytes else [])
+        packed = [pack_rows(g, plan.layout, device).cpu() for g in plan.sends]
+        sends = [[Gather([rows] if plan.layout.row_bytes else [], count=rows.size(0))] if rows.size(0) else []
+                 for rows in packed]
+        self.inner = backend.start_host(Plan(plan.op, plan.scope, self.bytes_layout, sends, counts=plan.counts,
+                                             exclude=plan.exclude, drop_dead=plan.drop_dead))
+        self.staged: list[torch.Tensor] = []
+        self.receives: list[Receive | None] | None = None
+        if plan.receives is not None:
+            self.receive(plan.receives)
+
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        return self.inner.headers()
+
+    def receive(self, receives: list[Receive | None]) -> None:
+        rows, _ = self.inner.headers()
+        self.receives = receives
+        self.staged = [torch.empty(n, self.plan.layout.row_bytes, dtype=torch.uint8) for n in rows]
+        self.inner.receive([Receive([t] if self.plan.layout.row_bytes else [], rows=r.rows if r else None)
+                            for t, r in zip(self.staged, receives, strict=True)])
+
+    def wait(self) -> None:
+        self.inner.wait()
+        for rows, receive in zip(self.staged, self.receives or [], strict=False):
+            if receive is not None:
+                apply_rows(rows.to(self.device), receive, self.plan.layout)
+
+    @property
+    def dropped(self) -> frozenset[int]:
+        return self.inner.dropped
+
+
+def _release(engine: native.Engine, proxy: native.Proxy | None, endpoint: int, windows: list[native.Window],
+             ring: native.Ring) -> None:
+    engine.destroy()
+    if proxy is not None and endpoint >= 0 and proxy.ptr:
+        proxy.remove_endpoint(endpoint, service.STOP_DRAIN_S)
     for window in windows:
         window.close()
     ring.close()
 
 
 class RingBackend(CommBackend):
-    """Rows move through windows, rings and proxies; see the module docstring."""
+    """Rows move through windows, the compiled engine and the process's proxy; see the module docstring."""
 
     name = "ring"
 
@@ -96,72 +272,93 @@ class RingBackend(CommBackend):
         self.session = session_for(group)
         self.prefix = self.session.new_prefix()
         self._last_failure_poll = 0.0
+        self._gone: frozenset[int] = frozenset()
         rank, world = topology.rank, topology.num_ranks
-        self.layout = layout = StreamLayout(world, chunk_bytes_from_env())
-        self.window = Window.create(layout.num_signals, layout.data_bytes, tag=f"r{rank}-")
-        self.ring = DescriptorRing.create(RING_CAPACITY)
-        remote = [p for p in range(world) if topology.node_of(p) != topology.node]
+        chunk, slots = stream_layout_from_env()
+        num_signals, data_bytes = native.Engine.window_size(world, slots, chunk)
+        self.window = native.Window.create(num_signals, data_bytes)
+        self.ring = native.Ring.create(RING_CAPACITY)
+        self.ring.unlink()  # private to this process: the proxy is a thread of it
         windows = [self.window]  # this rank's, then the same-node peers' it maps
-        try:
-            self.proxy = (ProxyProcess(rank, world, self.window, [self.ring], auto_transport_name(), timeout_s)
-                          if remote else None)
-        except BaseException:
-            _release(None, windows, self.ring)
-            raise
-        self._finalizer = weakref.finalize(self, _release, self.proxy, windows, self.ring)
-
-        # Rendezvous on the control plane: every rank learns its peers' windows and proxy addresses.
-        mine = {"window": self.window.name,
-                "proxy": self.proxy.address.hex() if self.proxy else None}
+        self.engine = native.Engine(rank, world, slots, chunk, self.window)
+        self.proxy: native.Proxy | None = None
+        self.endpoint = -1
+        self._finalizer = weakref.finalize(self, _release, self.engine, None, -1, windows, self.ring)
         client = self.session.client
+
+        # Which peers go through the proxy: those on other nodes; with faults, every peer.
+        hosts = client.allgather(f"{self.prefix}/hosts", service.host_name().encode(), timeout_s)
+        remote = [p for p in range(world) if p != rank and (service.faults() or topology.node_of(p) != topology.node)]
+        key = b""
+        if remote:
+            transport = service.choose_transport([h.decode() for h in hosts])
+            self.proxy = service.proxy_for(transport, dist.get_rank(), dist.get_world_size())
+            self.endpoint, key = self.proxy.add_endpoint(self.ring, self.window, world)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _release, self.engine, self.proxy, self.endpoint, windows,
+                                               self.ring)
+        mine = {"window": self.window.name, "proxy": self.proxy.address().hex() if self.proxy else "",
+                "key": key.hex()}
         infos = [json.loads(blob) for blob in client.allgather(f"{self.prefix}/endpoints", json.dumps(mine).encode(),
                                                                timeout_s)]
-        queue: list = []
-        channels: dict[int, Channel] = {}
-        for peer in range(world):
-            if peer == rank:
-                continue
-            if peer in remote:
-                channels[peer] = ProxyChannel(rank, peer, layout, self.window, queue)
-            else:
-                peer_window = Window.attach(infos[peer]["window"], layout.num_signals, layout.data_bytes)
-                windows.append(peer_window)
-                channels[peer] = DirectChannel(rank, peer, layout, peer_window)
-        if self.proxy is not None:
-            self.proxy.connect({p: bytes.fromhex(infos[p]["proxy"]) for p in remote})
-        self.engine = StreamEngine(rank, self.window, layout, channels, self.ring, queue, timeout_s,
-                                   check_alive=self._check_alive, diagnose=self._diagnose,
-                                   wake=self.proxy.wake if self.proxy is not None else None)
+        try:
+            for peer in range(world):
+                if peer == rank:
+                    continue
+                if peer in remote:
+                    peer_id = self.proxy.connect(bytes.fromhex(infos[peer]["proxy"]))
+                    self.proxy.set_rank(self.endpoint, peer, peer_id, bytes.fromhex(infos[peer]["key"]))
+                    self.engine.set_proxied(peer, self.proxy, self.endpoint, self.ring)
+                else:
+                    peer_window = native.Window.attach(infos[peer]["window"], num_signals, data_bytes)
+                    windows.append(peer_window)
+                    self.engine.set_direct(peer, peer_window)
+        except native.EngineError as exc:
+            raise TransportError("Buffer", f"rank {rank} cannot reach its peers: {exc}") from exc
         if self.proxy is not None:
             this = weakref.ref(self)  # the stats source must not keep the backend alive
             client.watch_stats(self.session.new_proxy_id(), lambda: this()._status() if this() else {})
-        client.barrier(f"{self.prefix}/ready", timeout_s)  # every proxy is serving before any data moves
+        client.barrier(f"{self.prefix}/ready", timeout_s)  # every peer has mapped the windows it needs
+        self.window.unlink()  # nothing is left behind in /dev/shm, whatever happens to this process
 
     # ------------------------------------------------------------------ moving rows
-    def start_exchange(
-        self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None, scope: Scope, op: str,
-        exclude: frozenset[int] = frozenset(), drop_dead: bool = False,
-    ) -> PendingExchange:
-        scope_ranks = self.scope_ranks(scope)
-        me = scope_ranks.index(self.topology.rank)
-        self.stats.record(scope, sum(send_counts) - send_counts[me], rows.size(1))
-        keep = [i for i, r in enumerate(scope_ranks) if r not in exclude or i == me]
-        if len(keep) < len(scope_ranks):
-            if any(send_counts[i] for i in range(len(scope_ranks)) if i not in keep):
-                raise ValueError(f"{op}: rows addressed to excluded rank(s) {sorted(exclude)}")
-            send_counts = [send_counts[i] for i in keep]
-            recv_counts = None if recv_counts is None else [recv_counts[i] for i in keep]
-        peers = [scope_ranks[i] for i in keep]
-        data = rows.contiguous().cpu().numpy()  # GPU rows are staged through host memory
-        exchange = self.guarded(op, lambda: self.engine.start(peers, data, send_counts, recv_counts, op,
-                                                                        drop_dead, exclude))
-        return _RingPending(self, exchange, keep, len(scope_ranks), rows.device)
+    def _start(self, plan: Plan) -> PendingRows:
+        device = _on_device(plan)
+        if device is not None:
+            return _StagedPending(self, plan, device)
+        return self.start_host(plan)
 
-    def barrier(self, op: str) -> None:
-        peers = self.scope_ranks("world")
-        empty = torch.zeros(0, 0, dtype=torch.uint8).numpy()
-        zeros = [0] * len(peers)
-        self.guarded(op, lambda: self.engine.wait(self.engine.start(peers, empty, zeros, zeros, op)))
+    def start_host(self, plan: Plan) -> _RingPending:
+        """Start a plan whose tensors are in host memory."""
+        scope_ranks = self.scope_ranks(plan.scope)
+        me = self.topology.rank
+        scope_indices = [i for i, r in enumerate(scope_ranks) if r not in plan.exclude or r == me]
+        for i, r in enumerate(scope_ranks):
+            if i not in scope_indices and any(g.rows for g in plan.sends[i]):
+                raise ValueError(f"{plan.op}: rows addressed to excluded rank {r}")
+        keep: list[Any] = []
+        sends = _sends(plan, scope_indices, keep)
+        recvs = None if plan.receives is None else _recvs(plan.layout, plan.receives, scope_indices, None, keep)
+        peers = np.array([scope_ranks[i] for i in scope_indices], dtype=np.int32)
+        exchange = self.guarded(plan.op, lambda: self.engine.start(
+            plan.op, peers, sends, plan.layout.row_bytes, plan.num_counts, recvs, plan.drop_dead, keep))
+        return _RingPending(self, plan, exchange, scope_indices, scope_ranks)
+
+    def wait(self, op: str, pending: _RingPending, step: Callable[[float], T | None]) -> T:
+        """Run ``step`` (one bounded engine wait) until it returns a result; between steps, fail on
+        a dead peer (or drop it, in shrink mode) and at the deadline, naming the ranks at fault."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            result = self.guarded(op, lambda: step(WAIT_SLICE_S))
+            if result is not None:
+                return result
+            self.guarded(op, lambda: self._check_alive(op, pending))
+            if time.monotonic() > deadline:
+                self.guarded(op, lambda: self._timeout(op, pending))
+
+    def _timeout(self, op: str, pending: _RingPending) -> None:
+        ranks, text = pending.pending_ranks()
+        raise CommTimeoutError(op, self.timeout_s, ranks=ranks, detail=self._diagnose(text))
 
     def guarded(self, op: str, step: Callable[[], T]) -> T:
         """Run one step of ``op``; a failure breaks this Buffer (its streams are mid-message) and,
@@ -170,28 +367,52 @@ class RingBackend(CommBackend):
             raise PortepError(f"{op}: this Buffer failed earlier ({self.failed}); create a new Buffer")
         try:
             return step()
+        except native.EngineError as exc:
+            error = self._engine_error(op, exc)
         except PortepError as exc:
-            self.failed = str(exc)
-            if not isinstance(exc, PeerFailureError):
-                try:
-                    self.session.publish_failure(self.prefix, op, str(exc))
-                except PortepError:
-                    pass  # the control plane is gone too: peers will name this rank by its deadline
-            raise
+            error = exc
+        self.failed = str(error)
+        # A dead rank is named by the control plane to everyone; anything else (a broken link, other
+        # shapes, a deadline) is published so that peers fail at once, naming this rank and its cause.
+        if not isinstance(error, PeerFailureError) or getattr(error, "link", False):
+            try:
+                self.session.publish_failure(self.prefix, op, str(error))
+            except PortepError:
+                pass  # the control plane is gone too: peers will name this rank by its deadline
+        raise error
+
+    def abandon(self, op: str, reason: str) -> None:
+        """Give up on this Buffer after an error found above the engine (e.g. ranks that disagree
+        on a call's shape): its streams are mid-message; peers are told at once."""
+        if self.failed is None:
+            self.failed = reason
+            try:
+                self.session.publish_failure(self.prefix, op, reason)
+            except PortepError:
+                pass
+
+    def _engine_error(self, op: str, exc: native.EngineError) -> PortepError:
+        text = str(exc)
+        if exc.kind == native.EngineError.PEER and exc.culprit >= 0:
+            dead = self.dead_ranks()
+            error = PeerFailureError(op, [exc.culprit], causes={exc.culprit: dead.get(exc.culprit, text)})
+            error.link = exc.culprit not in dead  # its link failed, the control plane still sees it alive
+            return error
+        if exc.kind == native.EngineError.PROXY:
+            return TransportError(op, text)
+        return PortepError(text)
 
     # ------------------------------------------------------------------ health, stats, teardown
-    def _check_alive(self, exchange: StreamExchange) -> None:
-        """Fail ``exchange`` if this rank's proxy or another rank of the group is gone (the op as
-        a whole cannot finish), naming it. Ranks masked out of the exchange do not count, and an
-        exchange started with ``drop_dead`` (rank masking) drops the dead peers it waits on and
-        goes on without them."""
-        op = exchange.op
-        if self.proxy is not None:
-            self.proxy.check(op)
-        me, ignored = self.topology.rank, exchange.excluded | self.engine.gone.keys()
+    def _check_alive(self, op: str, pending: _RingPending) -> None:
+        """Fail if another rank of the exchange is gone (the op as a whole cannot finish), naming
+        it. Ranks masked out of the exchange do not count; an exchange started with ``drop_dead``
+        drops the dead peers it waits on and goes on without them."""
+        me, ignored = self.topology.rank, pending.excluded() | self._gone
         dead = {r: how for r, how in self.dead_ranks().items() if r != me and r not in ignored}
-        if dead and exchange.drop_dead:
-            self.engine.drop(dead)
+        if dead and pending.plan.drop_dead:
+            for rank in dead:
+                self.engine.drop(rank)
+            self._gone |= frozenset(dead)
         elif dead:
             raise PeerFailureError(op, dead, causes=dead)
         now = time.monotonic()
@@ -202,34 +423,32 @@ class RingBackend(CommBackend):
     def dead_ranks(self) -> dict[int, str]:
         return self.session.client.dead_ranks()
 
+    def _diagnose(self, text: str) -> str:
+        if self.proxy is None:
+            return text
+        s = self.proxy.stats()
+        return (f"{text}; this rank's proxy ({self.proxy.transport_name}): {s['descriptors']} descriptors, "
+                f"{s['posted']} posted, backlog {s['backlog']}")
+
     def _status(self) -> dict[str, object]:
-        """What ``portep status`` shows for this Buffer's proxy."""
+        """What ``portep status`` shows for this Buffer's proxy (called from the heartbeat thread)."""
+        if not self._finalizer.alive:
+            return {}
         stats = self.proxy.stats() if self.proxy is not None else {}
         return {"buffer": self.prefix, "transport": self.proxy.transport_name if self.proxy else "", **stats,
-                "queue_depth": self.ring.pending(), "chunks_written": self.engine.chunks_written,
-                "chunks_read": self.engine.chunks_read}
-
-    def _diagnose(self) -> str:
-        if self.proxy is None:
-            return ""
-        s = self.proxy.stats()
-        return (f"this rank's proxy ({self.proxy.transport_name}): {s['descriptors']} descriptors, "
-                f"{s['messages_in']} messages in, ring depth {self.ring.pending()}")
+                "queue_depth": self.ring.pending(), **self.engine.stats()}
 
     def data_path_stats(self) -> dict[str, int]:
-        """Chunks this rank wrote and read, and its proxy's counters (``proxy_*``; none on a single
-        node, which needs no proxy)."""
-        out = {"chunks_written": self.engine.chunks_written, "chunks_read": self.engine.chunks_read}
+        """The engine's counters (chunks, bytes direct / staged / local, descriptors) and, when this
+        Buffer uses one, its proxy's (``proxy_*``; none on a single node without faults)."""
+        out = dict(self.engine.stats())
         if self.proxy is not None:
             out.update({f"proxy_{name}": value for name, value in self.proxy.stats().items()})
         return out
 
     def close(self) -> None:
         """Wait (briefly) until live peers have consumed everything this rank sent — so a rank
-        that leaves first does not cut off its last message — then stop the proxy and unmap."""
+        that leaves first does not cut off its last message — then release the windows."""
         if self.failed is None and self._finalizer.alive:
-            try:
-                self.engine.drain(min(self.timeout_s, CLOSE_DRAIN_S), skip=self.dead_ranks().keys())
-            except PortepError:
-                pass  # a broken stream: there is nothing left to deliver
+            self.engine.drain(list(self.dead_ranks()), min(self.timeout_s, CLOSE_DRAIN_S))
         self._finalizer()

@@ -1,5 +1,5 @@
 """Kernel -> proxy descriptor channel: latency and rate of descriptors a GPU kernel writes into a
-host-memory DescriptorRing, next to what UCCL-EP reports for its GPU -> CPU command channel.
+host-memory descriptor ring, next to what UCCL-EP reports for its GPU -> CPU command channel.
 
 What is measured (on the GPU's clocks, so no host/device clock alignment is involved):
 
@@ -20,10 +20,9 @@ What is measured (on the GPU's clocks, so no host/device clock alignment is invo
   lane 0's release store of the head); ``release`` leaves the fence out and relies on the warp
   barrier and the release store alone: what the explicit fence costs.
 
-Consumers: ``python-pop`` (``DescriptorRing.pop`` in a busy loop in this process),
-``python-proxy`` (``proxy.loop.Proxy.step`` with a loopback transport: pop, coalesce, post each
-descriptor as a put or signal), ``native`` (``native/ring_consumer.c``: a compiled polling loop in
-another process that copies each batch out, checks sequence numbers and stores the tail).
+Consumers: ``pop`` (the engine's compiled pop loop, ``Ring.consume``, one thread per ring: it copies
+each batch out and stores the tail), ``proxy`` (the compiled proxy thread with the shm transport:
+pop, coalesce, post each descriptor as a 64-byte put or a signal into a window).
 
     python -m bench.kernel_descriptors [--quick] [--out bench/results/kernel_descriptors.json]
 """
@@ -33,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +42,7 @@ import numpy as np
 import torch
 
 from portep.native import cuda as native
-from portep.proxy.ring import DescriptorRing
+from portep.native import engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # UCCL-EP (uccl-project/uccl, ep/): its GPU -> CPU command channel, as its authors report it.
@@ -67,67 +64,61 @@ def _check(status: torch.Tensor, what: str) -> None:
 class Consumer:
     """Drains rings while a kernel runs; ``run`` returns when ``total`` descriptors are taken."""
 
-    def __init__(self, kind: str, rings: list[DescriptorRing], total: int, binary: Path | None) -> None:
+    def __init__(self, kind: str, rings: list[engine.Ring], total: int) -> None:
         self.kind, self.rings, self.total = kind, rings, total
-        self.proc: subprocess.Popen[str] | None = None
-        self.proxy: Any = None
-        if kind == "native":
-            assert binary is not None
-            self.proc = subprocess.Popen([str(binary), str(total), "120", *(r.name for r in rings)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        elif kind == "python-proxy":
-            from portep.backends.loopback import LoopbackFabric
-            from portep.proxy.loop import Proxy
+        self.threads: list[threading.Thread] = []
+        self.taken: list[int] = [0] * len(rings)
+        self.proxy: engine.Proxy | None = None
+        if kind == "pop":
+            share = [total // len(rings) + (i < total % len(rings)) for i in range(len(rings))]
+            for i, ring in enumerate(rings):
+                thread = threading.Thread(target=self._pop, args=(i, ring, share[i]), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+        elif kind == "proxy":
+            per_ring = -(-total // len(rings))
+            self.window = engine.Window.create(1, PUT_BYTES * (per_ring + 1))
+            self.proxy = engine.Proxy("shm")
+            peer = self.proxy.connect(self.proxy.address())
+            self.endpoints = []
+            for ring in rings:
+                endpoint, key = self.proxy.add_endpoint(ring, self.window, len(rings))
+                for rank in range(len(rings)):
+                    self.proxy.set_rank(endpoint, rank, peer, key)
+                self.endpoints.append(endpoint)
 
-            fabric = LoopbackFabric()
-            self.end = fabric.endpoint(0)
-            self.end.register(np.zeros(PUT_BYTES * (total + 1), dtype=np.uint8), num_signal_slots=1)
-            self.end.connect(0, self.end.address())
-            self.proxy = Proxy(rings, self.end, max_batch=4096)
+    def _pop(self, i: int, ring: engine.Ring, count: int) -> None:
+        self.taken[i] = ring.consume(count, 120)[0]
 
     def run(self, deadline_s: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + deadline_s
-        if self.kind == "none":
+        if self.kind == "pop":
+            for thread in self.threads:
+                thread.join(deadline_s)
+            if sum(self.taken) < self.total:
+                raise TimeoutError(f"the compiled pop loops took {sum(self.taken)} of {self.total}")
             return {}
-        if self.kind == "native":
-            assert self.proc is not None
-            out, err = self.proc.communicate(timeout=deadline_s)
-            if self.proc.returncode != 0:
-                raise RuntimeError(f"native consumer failed ({self.proc.returncode}): {out} {err}")
-            fields = out.split()
-            result = dict(zip(fields[::2], fields[1::2], strict=True))
-            if int(result["bad"]):
-                raise RuntimeError(f"native consumer saw {result['bad']} descriptor(s) out of sequence")
-            return {"batches": int(result["batches"])}
-        if self.kind == "python-proxy":
-            while self.proxy.stats.descriptors < self.total:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"proxy took {self.proxy.stats.descriptors} of {self.total}")
-                self.proxy.step()
-            return {"coalesced": self.proxy.stats.coalesced}
-        taken, batches = 0, 0
-        expected = [0] * len(self.rings)
-        while taken < self.total:
-            for r, ring in enumerate(self.rings):
-                if ring.pending():
-                    batch = ring.pop()
-                    if int(batch["src_offset"][0]) != expected[r] or int(batch["src_offset"][-1]) != \
-                            expected[r] + batch.size - 1:
-                        raise RuntimeError(f"ring {r}: descriptors out of sequence at {expected[r]}")
-                    expected[r] += batch.size
-                    taken += batch.size
-                    batches += 1
-            if batches % 4096 == 0 and time.monotonic() > deadline:
-                raise TimeoutError(f"python consumer took {taken} of {self.total}")
-        return {"batches": batches}
+        if self.kind == "proxy":
+            try:
+                while (stats := self.proxy.stats())["descriptors"] < self.total:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"proxy took {stats['descriptors']} of {self.total}")
+                    time.sleep(1e-4)
+                return {"coalesced": stats["coalesced"]}
+            finally:
+                for endpoint in self.endpoints:
+                    self.proxy.remove_endpoint(endpoint, 5.0)
+                self.proxy.destroy()
+                self.window.close()
+        return {}
 
 
-def _mapped(capacity: int, count: int, device: int) -> tuple[list[DescriptorRing], list[native.DeviceRing]]:
-    rings = [DescriptorRing.create(capacity) for _ in range(count)]
+def _mapped(capacity: int, count: int, device: int) -> tuple[list[engine.Ring], list[native.DeviceRing]]:
+    rings = [engine.Ring.create(capacity) for _ in range(count)]
     return rings, [native.DeviceRing(ring, device) for ring in rings]
 
 
-def _close(rings: list[DescriptorRing], mapped: list[native.DeviceRing]) -> None:
+def _close(rings: list[engine.Ring], mapped: list[native.DeviceRing]) -> None:
     for device_ring, ring in zip(mapped, rings, strict=True):
         device_ring.close()
         ring.close()
@@ -145,7 +136,7 @@ def host_read_ns(device: int, iterations: int = 10_000) -> float:
         _close(rings, mapped)
 
 
-def latency(kind: str, iterations: int, device: int, binary: Path | None, fence: bool = True) -> dict[str, Any]:
+def latency(kind: str, iterations: int, device: int, fence: bool = True) -> dict[str, Any]:
     """Round trips of one descriptor at a time through a ring drained by ``kind``."""
     rings, mapped = _mapped(4096, 1, device)
     try:
@@ -153,9 +144,7 @@ def latency(kind: str, iterations: int, device: int, binary: Path | None, fence:
         round_trip = torch.zeros(2 * iterations, dtype=torch.int64, device=dev)
         totals = torch.zeros(2, dtype=torch.int64, device=dev)
         status = torch.zeros(2, dtype=torch.int64, device=dev)
-        consumer = Consumer(kind, rings, iterations, binary)
-        if kind == "native":
-            time.sleep(0.2)  # let it start polling
+        consumer = Consumer(kind, rings, iterations)
         native.launch("descriptors", "portep_ring_bench_latency", device, 1, 1,
                       (np.uint64(mapped[0].device_ptr), np.int32(iterations), np.uint64(30 * 10**9),
                        np.int32(fence), native.pointer(round_trip), native.pointer(totals), native.pointer(status)))
@@ -176,7 +165,7 @@ def latency(kind: str, iterations: int, device: int, binary: Path | None, fence:
 
 
 def rate(kind: str, num_rings: int, per_ring: int, batch: int, capacity: int, device: int,
-         binary: Path | None, fence: bool = True) -> dict[str, Any]:
+         fence: bool = True) -> dict[str, Any]:
     """Descriptors/s of ``num_rings`` warps pushing ``per_ring`` each, drained by ``kind``."""
     capacity = max(capacity, 1 << (per_ring - 1).bit_length()) if kind == "none" else capacity
     rings, mapped = _mapped(capacity, num_rings, device)
@@ -185,9 +174,7 @@ def rate(kind: str, num_rings: int, per_ring: int, batch: int, capacity: int, de
         ptrs = torch.tensor([m.device_ptr for m in mapped], dtype=torch.int64).to(dev)
         times = torch.zeros(2 * num_rings, dtype=torch.int64, device=dev)
         status = torch.zeros(2 * num_rings, dtype=torch.int64, device=dev)
-        consumer = Consumer(kind, rings, num_rings * per_ring, binary)
-        if kind == "native":
-            time.sleep(0.2)
+        consumer = Consumer(kind, rings, num_rings * per_ring)
         warp, _ = native.device_attributes(device)
         native.launch("descriptors", "portep_ring_bench_rate", device, num_rings, warp,
                       (native.pointer(ptrs), np.uint64(per_ring), np.uint64(batch), np.uint64(60 * 10**9),
@@ -197,7 +184,7 @@ def rate(kind: str, num_rings: int, per_ring: int, batch: int, capacity: int, de
         _check(status, f"rate ({kind})")
         if kind == "none":
             for r, ring in enumerate(rings):
-                got = ring.pop()
+                got = ring.pop(per_ring + 1)
                 if got.size != per_ring or not np.array_equal(got["src_offset"], np.arange(per_ring)) or \
                         (got["dst_rank"] != r).any():
                     raise RuntimeError(f"ring {r}: descriptors missing or out of order")
@@ -212,16 +199,6 @@ def rate(kind: str, num_rings: int, per_ring: int, batch: int, capacity: int, de
 
 def _fence_name(fence: bool) -> str:
     return "fence+release" if fence else "release"
-
-
-def build_consumer(workdir: Path) -> Path | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    binary = workdir / "ring_consumer"
-    subprocess.run([compiler, "-O2", "-std=c11", "-I", str(native.NATIVE_DIR), str(native.NATIVE_DIR /
-                    "ring_consumer.c"), "-o", str(binary), "-lrt"], check=True, timeout=120)
-    return binary
 
 
 def _cell(value: Any) -> str:
@@ -265,36 +242,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scale = 10 if args.quick else 1
     native.module("descriptors", device)  # compile before timing
 
-    with tempfile.TemporaryDirectory() as workdir:
-        binary = build_consumer(Path(workdir))
-        consumers = ["python-pop", "python-proxy"] + (["native"] if binary else [])
-        results: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(device), "command": "python -m bench.kernel_descriptors "
-            + " ".join(argv if argv is not None else sys.argv[1:]), "host": platform.node(),
-            "torch": torch.__version__, "cupy": cupy.__version__, "uccl_ep_reported": UCCL_EP,
-            "host_read_us": host_read_ns(device) / 1e3, "latency": [], "rate": []}
-        rate(consumers[0], 1, 10_000, 32, 4096, device, binary)  # warm-up
-        iterations = {"python-pop": 20_000, "python-proxy": 5_000, "native": 50_000}
-        for kind in consumers:
-            results["latency"].append(latency(kind, iterations[kind] // scale, device, binary))
-        if binary:
-            results["latency"].append(latency("native", iterations["native"] // scale, device, binary, fence=False))
-        total = (1 << 20) // scale
-        configs: list[tuple[str, int, int, bool]] = []  # consumer, rings, batch, fence
-        configs += [("none", rings, batch, True) for rings in (1, 8, 32) for batch in (1, 32)]
-        configs += [("none", rings, batch, False) for rings in (1, 32) for batch in (1, 32)]
-        configs += [("python-pop", rings, batch, True)
-                    for rings, batch in ((1, 32), (4, 32), (8, 32), (32, 1), (32, 32))]
-        configs += [("python-proxy", 1, 32, True)]
-        if binary:
-            configs += [("native", rings, batch, True) for rings in (1, 4, 8, 32) for batch in (1, 32)]
-            configs += [("native", rings, batch, False) for rings, batch in ((1, 1), (8, 32), (32, 1))]
-        for kind, rings, batch, fence in configs:
-            count = 100_000 // scale if kind == "python-proxy" else total * (2 if kind == "native" else 1)
-            results["rate"].append(rate(kind, rings, count // rings, batch, 4096, device, binary, fence))
-            row = results["rate"][-1]
-            print(f"  {kind:12s} {row['fence']:13s} rings={rings:2d} batch={batch:3d}: {row['rate_M_per_s']:.2f} M/s",
-                  flush=True)
+    consumers = ["pop", "proxy"]
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device), "command": "python -m bench.kernel_descriptors "
+        + " ".join(argv if argv is not None else sys.argv[1:]), "host": platform.node(),
+        "torch": torch.__version__, "cupy": cupy.__version__, "uccl_ep_reported": UCCL_EP,
+        "host_read_us": host_read_ns(device) / 1e3, "latency": [], "rate": []}
+    rate("pop", 1, 10_000, 32, 4096, device)  # warm-up
+    for kind in consumers:
+        results["latency"].append(latency(kind, 50_000 // scale, device))
+    results["latency"].append(latency("pop", 50_000 // scale, device, fence=False))
+    total = (1 << 20) // scale
+    configs: list[tuple[str, int, int, bool]] = []  # consumer, rings, batch, fence
+    configs += [("none", rings, batch, True) for rings in (1, 8, 32) for batch in (1, 32)]
+    configs += [("none", rings, batch, False) for rings in (1, 32) for batch in (1, 32)]
+    configs += [("pop", rings, batch, True) for rings in (1, 4, 8, 32) for batch in (1, 32)]
+    configs += [("pop", rings, batch, False) for rings, batch in ((1, 1), (8, 32), (32, 1))]
+    configs += [("proxy", rings, batch, True) for rings, batch in ((1, 32), (4, 32), (8, 1))]
+    for kind, rings, batch, fence in configs:
+        results["rate"].append(rate(kind, rings, total // rings, batch, 4096, device, fence))
+        row = results["rate"][-1]
+        print(f"  {kind:6s} {row['fence']:13s} rings={rings:2d} batch={batch:3d}: {row['rate_M_per_s']:.2f} M/s",
+              flush=True)
 
     text = report(results)
     print(text)

@@ -4,8 +4,9 @@
 
 Every rank derives every rank's inputs from ``(seed, iteration, rank)``, so each checks its own
 results against :mod:`portep.reference` locally: the ranks talk only through portep. Reports
-iterations, mismatches (must be 0), peak memory per rank, and shared-memory segments and proxy
-processes left behind after the job (must be 0). Exit status 0 only when all three are 0.
+iterations, mismatches (must be 0), peak memory per rank, the proxy threads each rank ran (one per
+transport, shared by all its Buffers), and shared-memory segments and processes left behind after
+the job (must be 0). Exit status 0 only when all three are 0.
 """
 
 from __future__ import annotations
@@ -126,14 +127,17 @@ def soak_rank(rank: int, world: int, iterations: int, seed: int, time_budget_s: 
             flag = torch.ones(world, 1, dtype=torch.int64)
         else:
             flag = torch.zeros(world, 1, dtype=torch.int64)
-        if int(ht._backend.exchange_counts(flag, "soak stop")[0].max()):
+        if int(ht._backend.exchange_counts(flag, "soak stop").max()):
             break
+    from portep.proxy import service
+
     stats = ht.get_stats()
     buffers = [ht, *ll_buffers.values()]
-    proxies = [b._backend.proxy.proc.pid for b in buffers if getattr(b._backend, "proxy", None) is not None]
+    proxies = len(service.proxies())
     for buffer in buffers:
         buffer.destroy()
-    return {"rank": rank, "pid": os.getpid(), "proxies": proxies, "iterations": done, "mismatches": mismatches,
+    return {"rank": rank, "pid": os.getpid(), "proxies": proxies, "buffers": len(buffers), "iterations": done,
+            "mismatches": mismatches,
             "first_mismatches": first[:5],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "proxy_descriptors": stats.get("proxy_descriptors", 0), "backend": ht.backend_name}
@@ -166,15 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     results = run_local(soak_rank, args.ranks, args=(args.iterations, args.seed, args.time_budget_s),
                         ranks_per_node=args.ranks_per_node, timeout_s=args.time_budget_s + 600)
     elapsed = time.monotonic() - start
-    time.sleep(0.5)  # proxies notice their rank's exit within a few ms
+    time.sleep(0.5)
     leaked_segments = _segments_of([r["pid"] for r in results])
-    leaked_processes = _alive([pid for r in results for pid in r["proxies"]])
+    leaked_processes = _alive([r["pid"] for r in results])
     report = {
         "backend": results[0]["backend"], "ranks": args.ranks, "ranks_per_node": args.ranks_per_node,
         "iterations": results[0]["iterations"], "seconds": round(elapsed, 1),
         "mismatches": sum(r["mismatches"] for r in results),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         "proxy_descriptors": sum(r["proxy_descriptors"] for r in results),
+        "proxy_threads_per_rank": max(r["proxies"] for r in results),
+        "buffers_per_rank": max(r["buffers"] for r in results),
         "leaked_segments": leaked_segments, "leaked_processes": leaked_processes,
         "first_mismatches": [m for r in results for m in r["first_mismatches"]][:10],
     }

@@ -19,6 +19,7 @@ FP8_MIN_AMAX = 1e-4
 FP8_GROUP = 128
 LOGFMT_GROUP = 128
 LOGFMT_LEVELS = 511  # codes 1..511 hold log2|x|; code 0 is an exact zero
+_CAST_TYPES = {torch.bfloat16: 3, torch.float16: 4, torch.float32: 5}  # enum pe_type of pe_engine.h
 
 
 # ----------------------------------------------------------------------------- layout
@@ -66,8 +67,25 @@ def fp8_cast(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     """Per-token, per-128-channel cast to e4m3.
 
     Returns `(x_fp8 [N, hidden] float8_e4m3fn, scales [N, hidden // 128] float32)` with
-    `x ≈ x_fp8 * scales` (scales broadcast over each group of 128 channels).
+    `x ≈ x_fp8 * scales` (scales broadcast over each group of 128 channels). On the CPU the compiled
+    engine does it in one pass (same operations, same results); elsewhere torch ops do.
     """
+    n, hidden = x.shape
+    if x.is_cpu and x.dtype in _CAST_TYPES and x.stride(1) == 1:
+        from portep.memory import POOL
+
+        from .engine import fp8_cast as native_fp8_cast
+
+        x_fp8 = POOL.empty((n, hidden), torch.float8_e4m3fn)
+        scales = torch.empty(n, hidden // FP8_GROUP, dtype=torch.float32)
+        native_fp8_cast(x.data_ptr(), _CAST_TYPES[x.dtype], n, hidden, x.stride(0) * x.element_size(),
+                        x_fp8.data_ptr(), scales.data_ptr(), round_scale)
+        return x_fp8, scales
+    return fp8_cast_torch(x, round_scale)
+
+
+def fp8_cast_torch(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_cast` with torch ops (any device)."""
     n, hidden = x.shape
     groups = x.float().view(n, hidden // FP8_GROUP, FP8_GROUP)
     amax = groups.abs().amax(dim=2).clamp(min=FP8_MIN_AMAX)
@@ -286,6 +304,25 @@ def reduce_rows(values: torch.Tensor, index: torch.Tensor, num_out: int,
         values = values * weights
     out = torch.zeros(num_out, values.size(1), dtype=torch.float32, device=values.device)
     return out.index_add_(0, index, values)
+
+
+def finish_sum(acc: torch.Tensor, touched: torch.Tensor | None, out: torch.Tensor,
+               biases: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``out = acc + sum(biases)`` in ``out``'s dtype, where ``acc`` is a float32 `[N, W]` sum whose
+    rows with ``touched == 0`` were never written (they count as zeros). ``acc`` is overwritten."""
+    if touched is not None:
+        untouched = (touched == 0).nonzero().flatten()
+        if untouched.numel():
+            acc[untouched] = 0
+    for bias in biases:
+        acc.add_(bias)
+    if acc.is_cpu and out.is_cpu and acc.is_contiguous() and out.is_contiguous() and out.dtype in _CAST_TYPES:
+        from .engine import cast_f32
+
+        cast_f32(out.data_ptr(), _CAST_TYPES[out.dtype], acc.data_ptr(), acc.numel())
+    else:
+        out.copy_(acc)
+    return out
 
 
 class CpuKernels:

@@ -338,16 +338,14 @@ def kernels(device: torch.device | str | int | None = None, soft_fp8: bool = Fal
 
 # ----------------------------------------------------------------------------- the descriptor writer
 class DeviceRing:
-    """A :class:`~portep.proxy.ring.DescriptorRing` mapped into a GPU's address space, so that kernels
-    can push descriptors into it (the host shared memory is registered with the mapped flag)."""
+    """A descriptor ring (:class:`portep.native.engine.Ring`) mapped into a GPU's address space, so
+    that kernels can push descriptors into it (its host memory is registered with the mapped flag)."""
 
     def __init__(self, ring: Any, device: torch.device | str | int | None = None) -> None:
         cupy = _cupy()
         self.ring, self.index = ring, _index(device)
-        view = np.frombuffer(ring.segment.buf, dtype=np.uint8)
-        self.host_ptr = int(view.ctypes.data)
-        del view
-        self.nbytes = -(-ring.segment.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.host_ptr = int(ring.address)
+        self.nbytes = -(-ring.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         with cupy.cuda.Device(self.index):
             cupy.cuda.runtime.hostRegister(self.host_ptr, self.nbytes, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED)
             self.device_ptr = int(cupy.cuda.runtime.pointerGetAttributes(self.host_ptr).devicePointer)

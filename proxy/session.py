@@ -40,7 +40,32 @@ def _server_host(group: dist.ProcessGroup) -> str:
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     if len(set(hosts)) == 1:
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    return _reachable_address()
+
+
+def _reachable_address() -> str:
+    """This host's address as other hosts reach it: the one it resolves its own name to, unless
+    that is a loopback address (Debian maps the host name to 127.0.1.1), then the source address of
+    the route towards the job's master (``MASTER_ADDR``, as torchrun sets it)."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        address = "127.0.0.1"
+    if not address.startswith("127."):
+        return address
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))  # no packet is sent
+                routed = probe.getsockname()[0]
+            if not routed.startswith("127."):
+                return routed
+        except OSError:
+            pass
+    raise PortepError(f"the control plane: this host's name resolves to {address} (loopback) and no route to "
+                      f"MASTER_ADDR={master!r} gives another address; set {CONTROL_HOST_ENV} to an address the "
+                      f"other hosts can reach")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from portep.config import Config, combine_config, dispatch_config
 from portep.deadlines import default_timeout_s
 from portep.event import EventHandle, EventOverlap, current_stream
 from portep.ll_layout import LowLatencyLayout, low_latency_rdma_size_hint
+from portep.memory import POOL
 from portep.native import cpu
 from portep.topology import Topology, discover
 
@@ -315,7 +316,7 @@ class Buffer:
         local_experts = num_experts // self.group_size
         payload = ht.Payload(data, scales, topk_idx, topk_weights)
         received, maps = ht.dispatch(self._backend, payload, is_token_in_rank, op)
-        num_recv = maps["order"].numel()
+        num_recv = received["x"].size(0)
 
         recv_topk_idx = recv_topk_weights = None
         if topk_idx is not None:
@@ -326,7 +327,7 @@ class Buffer:
             per_expert = torch.bincount(recv_topk_idx[mine], minlength=local_experts)
         else:
             # Selections every rank sends to this rank's experts.
-            per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op)[0].sum(0)
+            per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op).sum(0)
         counts = ((per_expert + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
         handle = ht.HTHandle(buffer_id=self.buffer_id, num_tokens=num_tokens, hidden=data.size(1),
                              is_token_in_rank=is_token_in_rank, num_recv_tokens_per_expert_list=counts, **maps)
@@ -389,10 +390,10 @@ class Buffer:
         for i, b in enumerate(biases):
             check.check_tensor(op, f"bias[{i}]", b, check.FLOAT_DTYPES, (handle.num_tokens, handle.hidden))
 
-        summed, weights = ht.combine(self._backend, handle, x, topk_weights, op)
-        for b in biases:
-            summed += b.float()
-        combined = summed.to(x.dtype)
+        summed, weights, touched = ht.combine(self._backend, handle, x, topk_weights, op)
+        combined = cpu.finish_sum(summed, touched, POOL.empty(summed.shape, x.dtype, x.device), biases)
+        if weights is not None:
+            weights = cpu.finish_sum(weights, touched, torch.empty_like(weights))
         return combined, weights, _event(async_finish, combined, weights)
 
     # ------------------------------------------------------------------ LL mode
@@ -559,7 +560,7 @@ class Buffer:
         call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,
                             drop_dead=self.enable_shrink)
         self._flip_half()
-        result = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        result = out if out is not None else POOL.empty((num_tokens, hidden), torch.bfloat16, self.device)
 
         def hook() -> None:
             call.recv(result, combine_wait_recv_cost_stats)

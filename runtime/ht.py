@@ -2,14 +2,17 @@
 
 Dispatch, for a token that needs ranks on several nodes:
 
-1. *network hop* (scope ``"peers"``): the token goes once to each destination node, to the rank
-   with the sender's local index there, carrying which ranks of that node need it;
-2. *node hop* (scope ``"node"``): that forwarder copies it to each rank of its node that needs it.
+1. *network hop* (scope ``"peers"``): the token goes once to each other destination node, to the
+   rank with the sender's local index there, carrying which ranks of that node need it;
+2. *node hop* (scope ``"node"``): each rank sends its node's ranks the tokens they need — its own
+   tokens straight from the caller's tensors, the network-hop rows from where they landed.
 
-Received rows are then ordered by source rank, source order kept. Combine runs the hops in
-reverse: each forwarder sums the copies from its node (float32), sends one partial sum over the
-network, and the source adds the partial sums of every node. With one node the network hop is a
-local copy, with one rank per node the node hop is.
+The node-hop header carries, per source node, how many rows follow, so every receiver knows at
+once where each source rank's rows go: received rows are grouped by source rank, source order
+kept, and are scattered straight into the output tensors. Combine runs the hops in reverse: each
+rank sums (float32) the copies its node's ranks send back — its own tokens' copies straight into
+the result, the forwarded ones into partial sums — sends one partial sum per token over the
+network (in the input dtype), and the source adds the partial sums of every node on arrival.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from portep.backends import CommBackend
+from portep.backends.plan import Gather, Plan, Receive, RowLayout, WireColumn
+from portep.memory import POOL
 from portep.native import kernels_for
-from portep.native.cpu import Field, RowFormat
 
 
 @dataclass
@@ -28,13 +32,15 @@ class HTHandle:
     """What a cached dispatch and a combine need from a dispatch (opaque to callers).
 
     Attributes (rank-local):
-        num_tokens: tokens this rank dispatched.
+        num_tokens: tokens this rank dispatched; hidden: their width.
         is_token_in_rank: `[num_tokens, num_ranks]` bool routing.
-        net_index / net_send / net_recv: token of each network-hop send row, rows per node sent
-            and received.
-        node_index / node_send / node_recv: network-hop receive row of each node-hop send row,
-            rows per local rank sent and received.
-        order: `[num_recv]` node-hop receive row of each output row.
+        net_index: per node, the tokens this rank sent there (empty for its own node).
+        hop_first / hop_rows: per node, the first row and the number of rows of the network-hop
+            rows that came from that node (``num_hop`` in all).
+        node_sends: per local rank ``j``, per node ``n``: the rows this rank forwarded to ``j`` that
+            came from node ``n`` (tokens of its own for its own node, network-hop rows otherwise).
+        node_recv: int64 `[ranks_per_node, num_nodes]` rows received from local rank ``j`` that
+            came from node ``n``; positions: per local rank, the output row of each of them.
         num_recv_tokens_per_expert_list: per local expert, rounded to ``expert_alignment``.
     """
 
@@ -42,18 +48,21 @@ class HTHandle:
     num_tokens: int
     hidden: int
     is_token_in_rank: torch.Tensor
-    net_index: torch.Tensor
-    net_send: list[int]
-    net_recv: list[int]
-    node_index: torch.Tensor
-    node_send: list[int]
-    node_recv: list[int]
-    order: torch.Tensor
+    net_index: list[torch.Tensor]
+    hop_first: list[int]
+    hop_rows: list[int]
+    node_sends: list[list[torch.Tensor]]
+    node_recv: torch.Tensor
+    positions: list[torch.Tensor]
     num_recv_tokens_per_expert_list: list[int]
 
     @property
     def num_recv(self) -> int:
-        return self.order.numel()
+        return int(self.node_recv.sum())
+
+    @property
+    def num_hop(self) -> int:
+        return sum(self.hop_rows)
 
 
 @dataclass
@@ -65,99 +74,153 @@ class Payload:
     topk_idx: torch.Tensor | None = None
     topk_weights: torch.Tensor | None = None
 
-    def fields(self) -> list[Field]:
-        fields = [Field("x", self.x.dtype, self.x.size(1))]
-        for name in ("scales", "topk_idx", "topk_weights"):
-            value = getattr(self, name)
-            if value is not None:
-                fields.append(Field(name, value.dtype, value.size(1)))
-        return fields
+    def columns(self) -> list[torch.Tensor]:
+        return [t for t in (self.x, self.scales, self.topk_idx, self.topk_weights) if t is not None]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+    def names(self) -> list[str]:
+        return [n for n in ("x", "scales", "topk_idx", "topk_weights") if getattr(self, n) is not None]
 
 
-def _node_of_rows(counts: list[int], device: torch.device) -> torch.Tensor:
-    index = torch.arange(len(counts), device=device)
-    return index.repeat_interleave(torch.tensor(counts, dtype=torch.int64, device=device))
+def _wire(columns: list[torch.Tensor]) -> list[WireColumn]:
+    return [WireColumn(t.dtype, t.size(1)) for t in columns]
 
 
-def dispatch(
-    comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor, op: str = "dispatch"
-) -> tuple[dict[str, torch.Tensor], dict]:
+def _split(index: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(index, counts))
+
+
+def _network_hop(comm: CommBackend, columns: list[torch.Tensor], by_node: torch.Tensor | None,
+                 net_index: list[torch.Tensor], hop_rows: list[int] | None, op: str
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[int], list[int]]:
+    """Send ``columns`` rows ``net_index[n]`` to node ``n`` (with that node's slice of ``by_node``, the
+    routing inside it, unless a cached dispatch knows it); returns the landed rows by column, the
+    landed routing, and the first row and count of each node's block."""
+    topo = comm.topology
+    masks = [] if by_node is None else [by_node[:, n, :] for n in range(topo.num_nodes)]
+    wire = _wire(columns) + ([WireColumn(torch.bool, topo.ranks_per_node)] if by_node is not None else [])
+    sends = [[] if n == topo.node or not idx.numel() else [Gather([*columns, *masks[n:n + 1]], index=idx)]
+             for n, idx in enumerate(net_index)]
+    pending = comm.start(Plan(op, "peers", RowLayout(wire), sends))
+    rows = pending.headers()[0] if hop_rows is None else hop_rows
+    first = [sum(rows[:n]) for n in range(len(rows))]
+    total = sum(rows)
+    device = columns[0].device
+    hop = [POOL.empty((total, t.size(1)), t.dtype, device) for t in columns]
+    mask = None if by_node is None else POOL.empty((total, topo.ranks_per_node), torch.bool, device)
+    pending.receive([Receive([*hop, *([mask] if mask is not None else [])], first=first[n],
+                             rows=None if hop_rows is None else rows[n]) for n in range(len(rows))])
+    pending.wait()
+    return hop, mask, first, rows
+
+
+def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor, op: str = "dispatch"
+             ) -> tuple[dict[str, torch.Tensor], dict]:
     """Move each token to every rank in its row of ``is_token_in_rank``.
 
-    Returns the received tensors (ordered by source rank, then source token) and the index maps
-    a handle keeps.
+    Returns the received tensors (grouped by source rank, source order kept) and the maps a handle
+    keeps (see :class:`HTHandle`).
     """
     topo, kernels = comm.topology, kernels_for(payload.x.device)
-    num_tokens, per_node = is_token_in_rank.size(0), topo.ranks_per_node
-    by_node = is_token_in_rank.view(num_tokens, topo.num_nodes, per_node)
-    net_index, net_send = kernels.rows_by_column(by_node.any(2))
-    net_send = net_send.tolist()
-    dest_node = _node_of_rows(net_send, is_token_in_rank.device)
-    tensors = {name: value[net_index] for name, value in payload.tensors().items()}
-    tensors["src_token"] = net_index.to(torch.int32).unsqueeze(1)
-    tensors["ranks_in_node"] = by_node[net_index, dest_node]
-    net_fields = [*payload.fields(), Field("src_token", torch.int32, 1), Field("ranks_in_node", torch.bool, per_node)]
-    net_format = RowFormat(net_fields)
-    rows, net_recv = comm.exchange(kernels.pack_rows(net_format, tensors), net_send, None, "peers", op)
-    hop = kernels.unpack_rows(net_format, rows)
+    num_tokens, per_node, nodes, me = is_token_in_rank.size(0), topo.ranks_per_node, topo.num_nodes, topo.node
+    by_node = is_token_in_rank.view(num_tokens, nodes, per_node)
+    columns = payload.columns()
+    net_all, net_counts = kernels.rows_by_column(by_node.any(2))
+    net_index = _split(net_all, net_counts.tolist())
+    net_index[me] = net_index[me][:0]  # this node's tokens need no network hop
+    hop, mask, hop_first, hop_rows = _network_hop(comm, columns, by_node, net_index, None, op)
 
-    source_node = _node_of_rows(net_recv, is_token_in_rank.device)
-    hop["src_rank"] = (source_node * per_node + topo.local_rank).to(torch.int32).unsqueeze(1)
-    node_index, node_send = kernels.rows_by_column(hop["ranks_in_node"])
-    node_send = node_send.tolist()
-    node_format = RowFormat([*net_fields[:-1], Field("src_rank", torch.int32, 1)])
-    rows, node_recv = comm.exchange(kernels.pack_rows(node_format, hop, node_index), node_send, None, "node", op)
-    received = kernels.unpack_rows(node_format, rows)
-
-    order = torch.argsort(received["src_rank"].view(-1), stable=True)
-    out = {name: received[name][order] for name in payload.tensors()}
-    maps = dict(net_index=net_index, net_send=net_send, net_recv=net_recv, node_index=node_index,
-                node_send=node_send, node_recv=node_recv, order=order)
-    return out, maps
+    # Node hop: to local rank j, per node n in order, the rows of node n that j needs.
+    own, own_counts = kernels.rows_by_column(by_node[:, me, :])
+    own_index = _split(own, own_counts.tolist())
+    fwd, fwd_counts = kernels.rows_by_column(mask) if mask is not None else (None, None)
+    fwd_index = _split(fwd, fwd_counts.tolist()) if fwd is not None else [fwd] * per_node
+    bounds = torch.tensor(hop_first[1:], dtype=torch.int64, device=payload.x.device)
+    node_sends: list[list[torch.Tensor]] = []
+    for j in range(per_node):
+        forwarded = fwd_index[j]
+        block = torch.bucketize(forwarded, bounds, right=True) if forwarded is not None else None
+        node_sends.append([own_index[j] if n == me else forwarded[block == n] for n in range(nodes)])
+    counts = torch.tensor([[idx.numel() for idx in segs] for segs in node_sends], dtype=torch.int32)
+    wire = _wire(columns)
+    sends = [[Gather(columns if n == me else hop, index=idx) for n, idx in enumerate(segs) if idx.numel()]
+             for segs in node_sends]
+    pending = comm.start(Plan(op, "node", RowLayout(wire), sends, counts=counts))
+    _, node_recv = pending.headers()
+    node_recv = node_recv.to(torch.int64)  # [j, n]: rows of source rank (n, j)
+    per_source = node_recv.t().reshape(-1)  # by source rank n * per_node + j
+    base = torch.cumsum(per_source, 0) - per_source
+    num_recv = int(per_source.sum())
+    device = payload.x.device
+    out = [POOL.empty((num_recv, t.size(1)), t.dtype, device) for t in columns]
+    positions = []
+    for j in range(per_node):
+        starts = base.view(nodes, per_node)[:, j]
+        lengths = node_recv[j]
+        if int(lengths.sum()):
+            offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                                  lengths)
+            positions.append((torch.repeat_interleave(starts, lengths) + offsets).to(device))
+        else:
+            positions.append(torch.empty(0, dtype=torch.int64, device=device))
+    pending.receive([Receive(out, index=pos) for pos in positions])
+    pending.wait()
+    maps = dict(net_index=net_index, hop_first=hop_first, hop_rows=hop_rows, node_sends=node_sends,
+                node_recv=node_recv, positions=positions)
+    return dict(zip(payload.names(), out, strict=True)), maps
 
 
 def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: str = "dispatch") -> dict:
-    """Dispatch new data along the routing of an earlier dispatch (no count exchange)."""
-    fmt, kernels = RowFormat(payload.fields()), kernels_for(payload.x.device)
-    rows, _ = comm.exchange(kernels.pack_rows(fmt, payload.tensors(), handle.net_index), handle.net_send,
-                            handle.net_recv, "peers", op)
-    rows, _ = comm.exchange(rows[handle.node_index], handle.node_send, handle.node_recv, "node", op)
-    return kernels.unpack_rows(fmt, rows[handle.order])
+    """Dispatch new data along the routing of an earlier dispatch (counts known: no header waits)."""
+    columns = payload.columns()
+    hop, _, _, _ = _network_hop(comm, columns, None, handle.net_index, handle.hop_rows, op)
+    me = comm.topology.node
+    sends = [[Gather(columns if n == me else hop, index=idx) for n, idx in enumerate(segs) if idx.numel()]
+             for segs in handle.node_sends]
+    out = [POOL.empty((handle.num_recv, t.size(1)), t.dtype, t.device) for t in columns]
+    comm.run(Plan(op, "node", RowLayout(_wire(columns)), sends,
+                  receives=[Receive(out, index=pos, rows=pos.numel()) for pos in handle.positions]))
+    return dict(zip(payload.names(), out, strict=True))
 
 
 def combine(
     comm: CommBackend, handle: HTHandle, x: torch.Tensor, topk_weights: torch.Tensor | None, op: str = "combine"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Sum the copies of each token back at its source.
 
     Arguments:
         x: `[num_recv (or more, padding ignored), hidden]` expert outputs in dispatch order.
         topk_weights: optional `[num_recv, num_topk]` float32, summed the same way.
 
-    Returns float32 sums `[num_tokens, hidden]` and `[num_tokens, num_topk]` (or None).
+    Returns float32 sums `[num_tokens, hidden]` and `[num_tokens, num_topk]` (or None), and which
+    tokens got any copy (uint8 `[num_tokens]`: the sums of the others are not written; treat them
+    as zeros).
     """
-    num_recv, kernels = handle.num_recv, kernels_for(x.device)
-    unsorted = {"x": torch.empty_like(x[:num_recv])}
-    unsorted["x"][handle.order] = x[:num_recv]
-    fields = [Field("x", x.dtype, x.size(1))]
+    topo = comm.topology
+    me, hop_total, num_tokens = topo.node, handle.num_hop, handle.num_tokens
+    # One accumulator: the partial sums of forwarded rows first, then this rank's tokens. It is not
+    # zeroed: the first copy to reach a row is stored, the others added (``touched``).
+    rows = hop_total + num_tokens
+    acc = [POOL.empty((rows, x.size(1)), torch.float32, x.device)]
+    touched = torch.zeros(rows, dtype=torch.uint8, device=x.device)
+    columns = [x]
     if topk_weights is not None:
-        unsorted["w"] = torch.empty_like(topk_weights[:num_recv])
-        unsorted["w"][handle.order] = topk_weights[:num_recv]
-        fields.append(Field("w", torch.float32, topk_weights.size(1)))
-    fmt = RowFormat(fields)
-    rows, _ = comm.exchange(kernels.pack_rows(fmt, unsorted), handle.node_recv, handle.node_send, "node", op)
-    copies = kernels.unpack_rows(fmt, rows)
+        acc.append(POOL.empty((rows, topk_weights.size(1)), torch.float32, x.device))
+        columns.append(topk_weights)
+    wire = _wire(columns)
 
-    num_partials = sum(handle.net_recv)
-    partial = {name: kernels.reduce_rows(value, handle.node_index, num_partials) for name, value in copies.items()}
-    # Partial sums cross the network in the input dtype, as the data did; no rounding without a network.
-    wire = x.dtype if comm.scope_size("peers") > 1 else torch.float32
-    net_format = RowFormat([Field("x", wire, x.size(1)), *fields[1:]])
-    partial["x"] = partial["x"].to(wire)
-    rows, _ = comm.exchange(kernels.pack_rows(net_format, partial), handle.net_recv, handle.net_send, "peers", op)
-    sums = kernels.unpack_rows(net_format, rows)
-    result = {name: kernels.reduce_rows(value, handle.net_index, handle.num_tokens) for name, value in sums.items()}
-    return result["x"], result.get("w")
+    # Node hop, reversed: copies go back to the rank that forwarded them.
+    sends = [[Gather(columns, index=pos)] if pos.numel() else [] for pos in handle.positions]
+    targets = [torch.cat([segs[n] + (hop_total if n == me else 0) for n in range(topo.num_nodes)])
+               for segs in handle.node_sends]
+    comm.run(Plan(op, "node", RowLayout(wire), sends,
+                  receives=[Receive(acc, index=t, reduce=True, touched=touched, rows=t.numel()) for t in targets]))
+
+    # Network hop, reversed: one partial sum per token and node, in the input dtype.
+    wire[0] = WireColumn(x.dtype, x.size(1))
+    sends = [[] if n == me or not rows else [Gather(acc, first=first, count=rows)]
+             for n, (first, rows) in enumerate(zip(handle.hop_first, handle.hop_rows, strict=True))]
+    receives = [Receive(acc, index=idx + hop_total, reduce=True, touched=touched, rows=idx.numel())
+                for idx in handle.net_index]
+    comm.run(Plan(op, "peers", RowLayout(wire), sends, receives=receives))
+    result = [a[hop_total:] for a in acc]
+    return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:]

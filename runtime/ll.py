@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from portep.backends import CommBackend, PendingExchange
+from portep.backends import CommBackend, PendingRows
+from portep.backends.plan import Gather, Plan, Receive, RowLayout, WireColumn
+from portep.memory import POOL
 from portep.native import kernels_for
-from portep.native.cpu import Field, RowFormat
+from portep.native.cpu import finish_sum, logfmt_row_bytes
 
 
 class LowLatencyHandle(tuple):
@@ -54,8 +56,8 @@ class LLRecvTensors:
 def _expert_major(local_experts: int, slots: int, width: int, dtype: torch.dtype, transposed: bool,
                   device: torch.device) -> torch.Tensor:
     if transposed:  # scale-major storage, as grouped GEMMs read scales
-        return torch.empty(local_experts, width, slots, dtype=dtype, device=device).transpose(1, 2)
-    return torch.empty(local_experts, slots, width, dtype=dtype, device=device)
+        return POOL.empty((local_experts, width, slots), dtype, device).transpose(1, 2)
+    return POOL.empty((local_experts, slots, width), dtype, device)
 
 
 _SHAPE_NAMES = ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "use_fp8")
@@ -71,8 +73,16 @@ def _check_same_shape(op: str, rank: int, theirs: torch.Tensor, mine: torch.Tens
         raise ValueError(f"{op}: rank {peer} called with {diff}: every rank must pass the same values")
 
 
+def _split(index: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(index, counts))
+
+
 class LLDispatch:
-    """One LL dispatch: :meth:`send` at construction, :meth:`recv` completes it (once)."""
+    """One LL dispatch: the rows leave at construction, :meth:`recv` completes it (once).
+
+    Each rank's message carries, in its header, the call's shape and how many rows go to each of
+    the receiver's experts: the counts travel with the data, with no round trip of their own.
+    """
 
     def __init__(self, comm: CommBackend, x: torch.Tensor, topk_idx: torch.Tensor, num_max_tokens: int,
                  num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, masked: torch.Tensor,
@@ -85,30 +95,20 @@ class LLDispatch:
         token, _, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
         self.send_counts = counts.sum(1)
 
-        tensors = {"src_token": token.to(torch.int32).unsqueeze(1)}
-        fields = [Field("src_token", torch.int32, 1)]
+        src_token = torch.arange(x.size(0), dtype=torch.int32, device=x.device).unsqueeze(1)
         if use_fp8:
             x_fp8, scales = kernels.fp8_cast(x, round_scale)
-            tensors.update(x=x_fp8[token], scales=scales[token])
-            fields += [Field("x", torch.float8_e4m3fn, hidden), Field("scales", torch.float32, hidden // 128)]
+            columns = [x_fp8, kernels.pack_ue8m0(scales) if use_ue8m0 else scales, src_token]
         else:
-            tensors["x"] = x[token]
-            fields.append(Field("x", x.dtype, hidden))
-        self.format = RowFormat(fields)
-
-        # Counts first (one small message per peer, with the call's shape so that ranks that
-        # disagree fail here, naming each other), then the rows, left in flight.
-        exclude = frozenset(masked.nonzero().flatten().tolist())
-        shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int64, device=x.device)
-        got, dropped = comm.exchange_counts(torch.cat([shape.expand(num_ranks, -1), counts], 1), op, exclude,
-                                            drop_dead)
-        _check_same_shape(op, comm.topology.rank, got[:, : shape.numel()], shape, exclude | dropped)
-        self.arriving = got[:, shape.numel():]
-        self._mask_dropped(dropped)
-        # Rows for a rank dropped during the counts are not sent: the backend skips dropped ranks.
-        self.pending: PendingExchange = comm.start_exchange(
-            kernels.pack_rows(self.format, tensors), self.send_counts.tolist(), self.arriving.sum(1).tolist(), "world",
-            op, exclude, drop_dead)
+            columns = [x, src_token]
+        self.layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns])
+        self.shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int32)
+        header = torch.cat([self.shape.expand(num_ranks, -1), counts.to(torch.int32).cpu()], 1)
+        self.exclude = frozenset(masked.nonzero().flatten().tolist())
+        per_rank = _split(token, self.send_counts.tolist())
+        sends = [[Gather(columns, index=idx)] if idx.numel() else [] for idx in per_rank]
+        self.pending: PendingRows = comm.start(Plan(op, "world", self.layout, sends, counts=header,
+                                                    exclude=self.exclude, drop_dead=drop_dead))
 
         slots = num_ranks * num_max_tokens
         scales_out = None
@@ -125,45 +125,46 @@ class LLDispatch:
         )
         self.done = False
 
-    def _mask_dropped(self, dropped: frozenset[int]) -> None:
-        """Mask ranks dropped after they died (shrink mode), as if masked from the start."""
-        if dropped:
-            self.masked = self.masked.clone()
-            self.masked[sorted(dropped)] = True
-        self.recv_counts = self.arriving.masked_fill(self.masked.unsqueeze(1), 0)
-
     def recv(self, cumulative_stats: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> None:
-        """Wait for the rows and lay them out expert-major into the output tensors."""
+        """Wait for the rows and scatter them expert-major straight into the output tensors."""
         if self.done:
             raise RuntimeError(f"{self.op}: the receive hook was already called")
         started = time.perf_counter_ns()
-        rows = self.pending.wait()
-        waited = time.perf_counter_ns() - started
-        self._mask_dropped(self.pending.dropped)
-        if self.masked.any():  # rows that masked ranks sent anyway (backends that cannot leave them out)
-            got = torch.tensor(self.pending.recv_counts, device=self.masked.device)
-            rows = rows[~self.masked.repeat_interleave(got)]
-        kernels = self.kernels
-        received = kernels.unpack_rows(self.format, rows)
-        expert, slot, begin = kernels.ll_recv_slots(self.recv_counts)
+        _, header = self.pending.headers()
+        dropped = self.pending.dropped
+        ignore = self.exclude | dropped
+        try:
+            _check_same_shape(self.op, self.comm.topology.rank, header[:, : self.shape.numel()], self.shape, ignore)
+        except ValueError as exc:
+            self.comm.abandon(self.op, str(exc))
+            raise
+        masked = self.masked.clone()
+        masked[sorted(dropped)] = True
+        recv_counts = header[:, self.shape.numel():].to(torch.int64).to(self.masked.device)
+        recv_counts = recv_counts.masked_fill(masked.unsqueeze(1), 0)
+        expert, slot, begin = self.kernels.ll_recv_slots(recv_counts)
         out = self.out
-        kernels.scatter_rows(out.x, expert, slot, received["x"])
-        if out.scales is not None:
-            scales = received["scales"]
-            kernels.scatter_rows(out.scales, expert, slot, kernels.pack_ue8m0(scales) if self.use_ue8m0 else scales)
-        kernels.scatter_rows(out.src_info, expert, slot, received["src_token"].view(-1))
-        count = self.recv_counts.t()
+        slots = out.x.size(1)
+        rows = _split(expert * slots + slot, recv_counts.sum(1).tolist())
+        columns = [out.x, out.scales, out.src_info.unsqueeze(2)] if out.scales is not None else \
+            [out.x, out.src_info.unsqueeze(2)]
+        self.pending.receive([Receive(columns, index=index) for index in rows])
+        self.pending.wait()
+        waited = time.perf_counter_ns() - started
+        count = recv_counts.t()
         out.layout_range.copy_((begin << 32) | count)
         out.count.copy_(count.sum(1))
         if cumulative_stats is not None:
             cumulative_stats += out.count.to(cumulative_stats.dtype)
         if wait_cost_stats is not None:
-            wait_cost_stats += (self.recv_counts.sum(1) > 0).to(wait_cost_stats.dtype) * waited
+            wait_cost_stats += (recv_counts.sum(1) > 0).to(wait_cost_stats.dtype) * waited
+        self.masked = masked
         self.done = True
 
 
 class LLCombine:
-    """One LL combine: rows go back at construction, :meth:`recv` reduces them (once)."""
+    """One LL combine: rows go back at construction, :meth:`recv` reduces them (once) — on arrival,
+    straight out of the receive slots into a float32 accumulator, weighted."""
 
     def __init__(self, comm: CommBackend, expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  handle: LowLatencyHandle, use_logfmt: bool, masked: torch.Tensor,
@@ -176,52 +177,63 @@ class LLCombine:
         masked = masked.to(expert_out.device)
         expected = handle.send_counts.clone()
         expected[masked] = 0
-        self.token, self.k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
+        token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
         if not torch.equal(counts.sum(1), expected):
             raise ValueError(f"{op}: topk_idx does not match the one given to low_latency_dispatch for this handle")
-        self.weights = topk_weights[self.token, self.k].unsqueeze(1)
+        per_rank = counts.sum(1).tolist()
+        self.token = _split(token, per_rank)
+        self.weights = _split(topk_weights[token, k], per_rank)
 
         expert, slot, per_source = kernels.ll_combine_gather(layout_range)
         keep = ~masked.repeat_interleave(per_source)
         per_source = per_source.masked_fill(masked, 0)
-        rows = expert_out[expert[keep], slot[keep]]
-        rows = kernels.logfmt_encode(rows) if use_logfmt else rows.contiguous().view(torch.uint8)
-        expected = counts.sum(1)
-        wrong: list[int] = []
-        # With masks, ranks may disagree on who is cut off: learn the counts instead of assuming them.
-        self.expected = expected
-        self.pending = comm.start_exchange(rows, per_source.tolist(), None if masked.any() else expected.tolist(),
-                                           "world", op, frozenset(masked.nonzero().flatten().tolist()), drop_dead)
-        if masked.any() and self.pending.recv_counts != expected.tolist():
-            self.pending.wait()  # some backends learn the counts only with the rows
-            wrong = [r for r, (a, b) in enumerate(zip(self.pending.recv_counts, expected.tolist(), strict=True))
-                     if a != b and r not in self.pending.dropped]
-        if masked.any() and wrong:
-            raise ValueError(f"{op}: rank(s) {wrong} sent back a different number of rows than were dispatched "
-                             "to them; are the rank masks the same on every rank?")
+        rows = expert[keep] * expert_out.size(1) + slot[keep]
+        if use_logfmt:
+            source = kernels.logfmt_encode(expert_out.reshape(-1, hidden)[rows]) if rows.numel() else \
+                torch.empty(0, logfmt_row_bytes(hidden), dtype=torch.uint8, device=expert_out.device)
+            firsts = (torch.cumsum(per_source, 0) - per_source).tolist()
+            sends = [[Gather([source], first=f, count=n)] if n else [] for f, n in zip(firsts, per_source.tolist(),
+                                                                                       strict=True)]
+            self.layout = RowLayout([WireColumn(torch.uint8, source.size(1))])
+        else:
+            sends = [[Gather([expert_out], index=idx)] if idx.numel() else []
+                     for idx in _split(rows, per_source.tolist())]
+            self.layout = RowLayout([WireColumn(expert_out.dtype, hidden)])
+        # Not zeroed: the first row to reach a token is stored, the others added (``touched``).
+        self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
+        self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
+        if use_logfmt:
+            self.encoded = [torch.empty(n, self.layout.row_bytes, dtype=torch.uint8, device=expert_out.device)
+                            for n in per_rank]
+            receives = [Receive([t], rows=t.size(0)) for t in self.encoded]
+        else:
+            receives = [Receive([self.acc], index=t, reduce=True, weights=w, touched=self.touched, rows=t.numel())
+                        for t, w in zip(self.token, self.weights, strict=True)]
+        exclude = frozenset(masked.nonzero().flatten().tolist())
+        self.pending = comm.start(Plan(op, "world", self.layout, sends, receives=receives, exclude=exclude,
+                                       drop_dead=drop_dead))
         self.done = False
 
     def recv(self, out: torch.Tensor | None = None, wait_cost_stats: torch.Tensor | None = None) -> torch.Tensor:
-        """Wait for the expert outputs and reduce them with the weights into `[num_tokens, hidden]` bf16."""
+        """Wait for the expert outputs; the weighted float32 sums into `[num_tokens, hidden]` bf16."""
         if self.done:
             raise RuntimeError(f"{self.op}: the receive hook was already called")
         started = time.perf_counter_ns()
-        rows = self.pending.wait()
+        self.pending.wait()
         waited = time.perf_counter_ns() - started
-        if self.pending.dropped:  # ranks that died in flight (shrink mode): their rows never came
-            source = torch.arange(self.expected.numel(), device=self.expected.device).repeat_interleave(self.expected)
-            keep = ~torch.isin(source, torch.tensor(sorted(self.pending.dropped), device=source.device))
-            self.token, self.weights = self.token[keep], self.weights[keep]
-        if self.use_logfmt:
-            values = self.kernels.logfmt_decode(rows, self.hidden)
-        else:
-            values = rows.view(torch.bfloat16)
-        total = self.kernels.reduce_rows(values, self.token, self.num_tokens, self.weights)
-        result = out if out is not None else torch.empty(self.num_tokens, self.hidden, dtype=torch.bfloat16,
-                                                         device=total.device)
-        result.copy_(total)
+        if self.use_logfmt:  # decoded here, then reduced like the plain rows
+            dropped = self.pending.dropped
+            for rank, (encoded, token, weights) in enumerate(zip(self.encoded, self.token, self.weights, strict=True)):
+                if encoded.size(0) and rank not in dropped:
+                    values = self.kernels.logfmt_decode(encoded, self.hidden) * weights.unsqueeze(1)
+                    self.acc[token[self.touched[token] == 0]] = 0
+                    self.acc.index_add_(0, token, values)
+                    self.touched[token] = 1
+        result = out if out is not None else POOL.empty((self.num_tokens, self.hidden), torch.bfloat16,
+                                                        self.acc.device)
+        finish_sum(self.acc, self.touched, result)
         if wait_cost_stats is not None:
-            received = torch.tensor(self.pending.recv_counts, device=wait_cost_stats.device) > 0
+            received = torch.tensor([t.numel() > 0 for t in self.token], device=wait_cost_stats.device)
             wait_cost_stats += received.to(wait_cost_stats.dtype) * waited
         self.done = True
         return result

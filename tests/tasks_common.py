@@ -23,10 +23,10 @@ BACKEND_ENV = "PORTEP_BACKEND"
 _SESSION_BACKEND = os.environ.get(BACKEND_ENV)
 # Test variants of a backend: its name and the environment its Buffers are created with.
 # "ring-faults": the ring backend over Unix sockets whose receivers reorder and delay messages,
-# with small chunks so that every message spans several chunks and credits.
+# with 4 KiB chunks so that messages span several chunks (and rows straddle them) and credits matter.
 BACKEND_VARIANTS: dict[str, dict[str, str]] = {
-    "ring-faults": {"PORTEP_BACKEND": "ring", "PORTEP_TRANSPORT": "socket",
-                    "PORTEP_FAULTS": "reorder,delay=4,seed=7", "PORTEP_CHUNK_BYTES": "16384"},
+    "ring-faults": {"PORTEP_BACKEND": "ring", "PORTEP_TRANSPORT": "fabric",
+                    "PORTEP_FAULTS": "reorder,delay=4,seed=7", "PORTEP_CHUNK_BYTES": "4096"},
 }
 _VARIANT_VARS = ("PORTEP_TRANSPORT", "PORTEP_FAULTS", "PORTEP_CHUNK_BYTES")
 _SESSION_VARS = {name: os.environ.get(name) for name in _VARIANT_VARS}
@@ -176,6 +176,36 @@ def ll_buffer(world_size: int, num_nodes: int, max_tokens: int, hidden: int, num
 
 
 # ------------------------------------------------------------------------------------ checks
+
+
+class FaultsProved:
+    """Around a task on a faulted backend variant: proof that the faults happened to its traffic —
+    deliveries reordered and delayed, puts cut into several fragments, messages split into several
+    chunks (stream credits then matter). A no-op on backends without faults."""
+
+    def __init__(self, rank: int, buffer: Any, backend: str | None) -> None:
+        self.rank, self.buffer = rank, buffer
+        self.active = "PORTEP_FAULTS" in BACKEND_VARIANTS.get(backend or "", {})
+
+    def _counts(self) -> dict[str, int]:
+        stats = self.buffer.get_stats()
+        names = ("proxy_transport_reordered", "proxy_transport_delayed", "proxy_transport_fragments",
+                 "proxy_transport_puts", "messages_split", "chunks_read")
+        return {name: stats.get(name, 0) for name in names}
+
+    def __enter__(self) -> FaultsProved:
+        self.start = self._counts() if self.active else {}
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if not self.active or exc_type is not None:
+            return
+        d = {name: value - self.start[name] for name, value in self._counts().items()}
+        where = f"rank {self.rank}: faulted run"
+        assert d["proxy_transport_reordered"] > 0, f"{where}: nothing was reordered ({d})"
+        assert d["proxy_transport_delayed"] > 0, f"{where}: nothing was delayed ({d})"
+        assert d["proxy_transport_fragments"] > d["proxy_transport_puts"], f"{where}: no put was cut up ({d})"
+        assert d["messages_split"] > 0, f"{where}: no message spanned several chunks ({d})"
 
 
 def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:

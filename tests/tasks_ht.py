@@ -14,6 +14,7 @@ import torch.distributed as dist
 import portep
 from portep import reference
 from tests.tasks_common import (
+    FaultsProved,
     assert_close,
     assert_equal,
     gather,
@@ -156,6 +157,14 @@ def dispatch_combine(rank: int, world_size: int, *, seed: int, num_nodes: int, n
     """HT dispatch (routed, without topk_idx, cached) and combine (plain, with bias tensor and
     2-tuple, with combined_topk_weights) against the reference; checks the hierarchical rule."""
     buffer = ht_buffer(world_size, num_nodes, hidden, backend)
+    with FaultsProved(rank, buffer, backend):
+        return _dispatch_combine(buffer, rank, world_size, seed, num_nodes, num_tokens, hidden, num_experts, topk,
+                                 expert_alignment, fp8, scales_noncontig)
+
+
+def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_nodes: int, num_tokens: int | list[int],
+                      hidden: int, num_experts: int, topk: int, expert_alignment: int, fp8: bool,
+                      scales_noncontig: bool) -> dict[str, float]:
     ranks_per_node = world_size // num_nodes
     n = _num_tokens(num_tokens, rank)
     x, topk_idx, topk_weights = _make_inputs(rank, seed, n, hidden, num_experts, topk, fp8, scales_noncontig)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import portep
 from portep import reference
 from tests.tasks_common import (
+    FaultsProved,
     assert_close,
     assert_equal,
     gather,
@@ -156,6 +157,14 @@ def dispatch_combine(rank: int, world_size: int, *, seed: int, num_nodes: int, n
                      backend: str | None = None) -> None:
     """LL dispatch exact vs the reference, then combine plain / ``out=`` / zero-copy / async / hook."""
     buffer = ll_buffer(world_size, num_nodes, max_tokens, hidden, num_experts, backend)
+    with FaultsProved(rank, buffer, backend):
+        _dispatch_combine(buffer, rank, world_size, seed, num_tokens, max_tokens, hidden, num_experts, topk, use_fp8,
+                          round_scale, use_ue8m0, use_logfmt)
+
+
+def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_tokens: int | list[int],
+                      max_tokens: int, hidden: int, num_experts: int, topk: int, use_fp8: bool, round_scale: bool,
+                      use_ue8m0: bool, use_logfmt: bool) -> None:
     case = LLCase(rank, world_size, seed, num_tokens, max_tokens, hidden, num_experts, topk, use_fp8,
                   round_scale, use_ue8m0)
     cumulative = torch.zeros(case.local_experts, dtype=torch.int32)

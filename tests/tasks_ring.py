@@ -1,10 +1,9 @@
-"""Tasks (run inside the rank pool) about the ring backend's machinery: proxy stats, a killed
-proxy, ranks that disagree on shapes."""
+"""Tasks (run inside the rank pool) about the ring backend's machinery: proxy stats, a broken
+link, ranks that disagree on shapes, dropped messages, a rank that leaves first."""
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any
 
@@ -22,9 +21,11 @@ def proxy_stats(rank: int, world_size: int, *, num_nodes: int) -> dict[str, int]
                               num_experts=4 * world_size, topk=4, backend="ring")
     tasks_ll.dispatch_combine(rank, world_size, seed=42, num_nodes=num_nodes, num_tokens=12, max_tokens=16,
                               hidden=256, num_experts=2 * world_size, topk=3, backend="ring")
-    ht = ht_buffer(world_size, num_nodes, 256, "ring").get_stats()
-    ll = ll_buffer(world_size, num_nodes, 16, 256, 2 * world_size, "ring").get_stats()
-    return {**{f"ht_{k}": v for k, v in ht.items()}, **{f"ll_{k}": v for k, v in ll.items()}}
+    ht_buf, ll_buf = ht_buffer(world_size, num_nodes, 256, "ring"), ll_buffer(world_size, num_nodes, 16, 256,
+                                                                               2 * world_size, "ring")
+    ht, ll = ht_buf.get_stats(), ll_buf.get_stats()
+    proxies = {id(b._backend.proxy) for b in (ht_buf, ll_buf) if b._backend.proxy is not None}
+    return {**{f"ht_{k}": v for k, v in ht.items()}, **{f"ll_{k}": v for k, v in ll.items()}, "proxies": len(proxies)}
 
 
 def _ll_round(buffer: Any, rank: int, seed: int, max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
@@ -36,25 +37,25 @@ def _ll_round(buffer: Any, rank: int, seed: int, max_tokens: int, hidden: int, n
     return out
 
 
-def killed_proxy(rank: int, world_size: int, *, victim: int, timeout_s: float) -> dict[str, Any]:
-    """``victim`` kills its own proxy; its next LL round fails on every rank within the deadline
-    (the victim: its proxy is gone; the others: the victim's data never comes). A new Buffer works."""
+def broken_link(rank: int, world_size: int, *, victim: int, peer: int, timeout_s: float) -> dict[str, Any]:
+    """``victim``'s proxy loses its link to ``peer`` (on another node), as a broken cable would: the
+    next LL round fails on every rank within the deadline — the victim names ``peer``, the others
+    hear of it — and a new Buffer works."""
     os.environ["PORTEP_TIMEOUT_S"] = str(timeout_s)
     try:
         buffer = new_ll_buffer(world_size, 2, 8, 128, 2 * world_size, "ring")
     finally:
         os.environ["PORTEP_TIMEOUT_S"] = "45"
-    _ll_round(buffer, rank, 51, 8, 128, 2 * world_size)  # works before the kill
+    _ll_round(buffer, rank, 51, 8, 128, 2 * world_size)  # works before the break
     dist.barrier()
     if rank == victim:
-        proxy = buffer._backend.proxy.proc
-        os.kill(proxy.pid, signal.SIGKILL)
-        proxy.wait(5)
+        backend = buffer._backend
+        backend.proxy.break_rank(backend.endpoint, peer)
     dist.barrier()
     start = time.monotonic()
     try:
         _ll_round(buffer, rank, 52, 8, 128, 2 * world_size)
-    except (TransportError, PeerFailureError, CommTimeoutError) as exc:
+    except (TransportError, PeerFailureError, CommTimeoutError, PortepError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     else:
         error = ""
@@ -94,7 +95,7 @@ def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: floa
 
     set_topology(world_size, 2, "ring")
     saved = {k: os.environ.get(k) for k in ("PORTEP_TRANSPORT", "PORTEP_FAULTS", "PORTEP_TIMEOUT_S")}
-    os.environ.update(PORTEP_TRANSPORT="socket", PORTEP_FAULTS=f"drop={drop},seed={rank + 1}",
+    os.environ.update(PORTEP_TRANSPORT="fabric", PORTEP_FAULTS=f"drop={drop},seed={rank + 1}",
                       PORTEP_TIMEOUT_S=str(timeout_s))
     try:
         size = portep.Buffer.get_low_latency_rdma_size_hint(8, 128, world_size, 2 * world_size)
@@ -114,9 +115,11 @@ def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: floa
         recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 2 * world_size, use_fp8=False)
         out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
     except (CommTimeoutError, PeerFailureError) as exc:
-        return {"error": str(exc), "elapsed": time.monotonic() - start}
+        return {"error": str(exc), "elapsed": time.monotonic() - start,
+                "dropped": buffer.get_stats().get("proxy_transport_dropped", 0)}
     want = x.float() * torch.where(topk_idx >= 0, weights, 0.0).sum(1, keepdim=True)
-    return {"error": "", "diff": calc_diff(out.float(), want), "elapsed": time.monotonic() - start}
+    return {"error": "", "diff": calc_diff(out.float(), want), "elapsed": time.monotonic() - start,
+            "dropped": buffer.get_stats().get("proxy_transport_dropped", 0)}
 
 
 def destroy_right_after(rank: int, world_size: int, *, cycles: int, delay_rank: int) -> int:

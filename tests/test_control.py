@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,6 @@ from portep.proxy.control import (
     fetch_stats,
     list_jobs,
 )
-from portep.proxy.loop import ProxyStats
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -321,6 +321,16 @@ def _on_threads_async(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 # ---------------------------------------------------------------------------------------------- stats + status
+@dataclass
+class ProxyStats:
+    """Stats as a dataclass (report_stats takes those as well as mappings)."""
+
+    descriptors: int = 0
+    bytes_posted: int = 0
+    max_queue_depth: int = 0
+    per_peer_bytes: dict[int, int] = field(default_factory=dict)
+
+
 def test_stats_round_trip(clients: list[ControlClient], server: ControlServer) -> None:
     proxy = ProxyStats(descriptors=120, bytes_posted=3 << 20, max_queue_depth=7, per_peer_bytes={1: 10})
     clients[0].report_stats(0, proxy)

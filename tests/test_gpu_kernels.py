@@ -3,7 +3,7 @@
 On random data each native kernel gives the CPU's result bit for bit: layouts, row movement, FP8
 casts (both the hardware and the software e4m3 path) and float32 reductions, which sum in the
 CPU's order without fused multiply-adds. Descriptors a kernel writes into a host ring arrive intact
-and in order at a consumer in another thread or process and through ``proxy.loop.Proxy``, across
+and in order at a consumer in another thread or process and through the compiled proxy, across
 wrap-around and with the ring full (the kernel waits); a ring nobody drains makes the kernel stop
 at its deadline with an error naming the ring. Skipped without a GPU or without CuPy.
 """
@@ -21,8 +21,8 @@ import torch
 from portep.errors import CommTimeoutError
 from portep.native import CPU_KERNELS, Field, RowFormat
 from portep.native import cuda as native
+from portep.native.engine import Proxy, Ring, Window
 from portep.proxy.descriptor import DESCRIPTOR_DTYPE, Op
-from portep.proxy.ring import DescriptorRing
 
 
 def _skip_reason() -> str | None:
@@ -212,7 +212,7 @@ def _on_device(recs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(recs.view(np.uint8).reshape(-1, 32).copy()).to(DEVICE)
 
 
-def _drain(rings: list[DescriptorRing], counts: list[int], timeout_s: float = 60) -> list[np.ndarray]:
+def _drain(rings: list[Ring], counts: list[int], timeout_s: float = 60) -> list[np.ndarray]:
     """Pop every ring until it has given ``counts[i]`` descriptors."""
     got: list[list[np.ndarray]] = [[] for _ in rings]
     have = [0] * len(rings)
@@ -221,7 +221,7 @@ def _drain(rings: list[DescriptorRing], counts: list[int], timeout_s: float = 60
         assert time.monotonic() < deadline, f"consumer got {have} of {counts} descriptors"
         for i, ring in enumerate(rings):
             if ring.pending():
-                batch = ring.pop()
+                batch = ring.pop(ring.capacity)
                 got[i].append(batch)
                 have[i] += batch.size
     return [np.concatenate(parts) if parts else np.zeros(0, DESCRIPTOR_DTYPE) for parts in got]
@@ -232,7 +232,7 @@ def test_descriptors_arrive_intact_through_a_full_ring() -> None:
     """100k descriptors through 64 slots: wrap-around; the consumer starts late, so the kernel waits."""
     count, capacity = 100_000, 64
     recs = _records(count, seed=6)
-    with DescriptorRing.create(capacity) as ring, native.DeviceRing(ring) as device_ring:
+    with Ring.create(capacity) as ring, native.DeviceRing(ring) as device_ring:
         push = native.push_descriptors([device_ring], _on_device(recs), [count], max_batch=32, timeout_s=30)
         time.sleep(0.3)
         assert ring.pending() == capacity, "the kernel should have filled the ring and be waiting"
@@ -246,7 +246,7 @@ def test_descriptors_arrive_intact_through_a_full_ring() -> None:
 def test_one_kernel_feeds_several_rings_drained_by_another_thread() -> None:
     counts, capacity = [50_000, 1, 0, 20_000], 128
     recs = [_records(n, seed=7 + i, dst_rank=i) for i, n in enumerate(counts)]
-    rings = [DescriptorRing.create(capacity) for _ in counts]
+    rings = [Ring.create(capacity) for _ in counts]
     device_rings = [native.DeviceRing(ring) for ring in rings]
     result: list[list[np.ndarray]] = []
     try:
@@ -266,19 +266,9 @@ def test_one_kernel_feeds_several_rings_drained_by_another_thread() -> None:
 
 @pytest.mark.timeout(120)
 def test_kernel_descriptors_drive_the_proxy() -> None:
-    """PUT / PUT_SIGNAL descriptors from a kernel, through Proxy and a reordering loopback fabric."""
-    from portep.backends.loopback import Faults, LoopbackFabric
-    from portep.proxy.loop import Proxy
-    from tests.test_proxy import assert_reversed_tokens_landed
-
-    num_tokens, token_bytes, region = 4096, 64, 1 << 18
-    fabric = LoopbackFabric(Faults(reorder=True, seed=11))
+    """PUT / PUT_SIGNAL descriptors from a kernel, posted by the compiled proxy (shm transport)."""
+    num_tokens, token_bytes = 4096, 64
     rng = np.random.default_rng(11)
-    ends = [fabric.endpoint(r, chunk_bytes=512) for r in range(2)]
-    for end in ends:
-        end.register(rng.integers(0, 256, region, dtype=np.uint8), num_signal_slots=4)
-        for peer in ends:
-            end.connect(peer.rank, peer.address())
     t = np.arange(num_tokens)
     recs = np.zeros(num_tokens, dtype=DESCRIPTOR_DTYPE)
     signal = t % 8 == 7
@@ -287,20 +277,36 @@ def test_kernel_descriptors_drive_the_proxy() -> None:
     recs["src_offset"] = t * token_bytes
     recs["dst_offset"] = (num_tokens - 1 - t) * token_bytes  # reversed: nothing coalesces
     recs["signal_value"] = signal.astype(np.int32)
-    with DescriptorRing.create(32) as ring, native.DeviceRing(ring) as device_ring:
-        proxy = Proxy([ring], ends[0], max_batch=16)
+    windows = [Window.create(4, num_tokens * token_bytes) for _ in range(2)]
+    windows[0].data[:] = rng.integers(0, 256, windows[0].data.size, dtype=np.uint8)
+    proxy = Proxy("shm")
+    ring = Ring.create(32)
+    device_ring = native.DeviceRing(ring)
+    endpoint, _ = proxy.add_endpoint(ring, windows[0], 2)
+    try:
+        peer = proxy.connect(proxy.address())
+        for rank, window in enumerate(windows):
+            proxy.set_rank(endpoint, rank, peer, window.name.encode())
         push = native.push_descriptors([device_ring], _on_device(recs), [num_tokens], max_batch=8, timeout_s=30)
         deadline = time.monotonic() + 60
-        while proxy.stats.descriptors < num_tokens:
-            assert time.monotonic() < deadline, f"proxy got {proxy.stats.descriptors} of {num_tokens}"
-            proxy.step()
+        while windows[1].signals[0] < num_tokens // 8:
+            assert time.monotonic() < deadline, f"{int(windows[1].signals[0])} of {num_tokens // 8} signals"
+            time.sleep(0.001)
         push.wait()
-    assert_reversed_tokens_landed(fabric, ends, num_tokens, token_bytes)
+        want = windows[0].data.reshape(num_tokens, token_bytes)[::-1]
+        np.testing.assert_array_equal(windows[1].data.reshape(num_tokens, token_bytes), want)
+    finally:
+        proxy.remove_endpoint(endpoint, 5.0)
+        proxy.destroy()
+        device_ring.close()
+        ring.close()
+        for window in windows:
+            window.close()
 
 
 def _push_from_process(name: str, rank: int, count: int) -> None:
     """One rank: its own CUDA context and kernel on the shared GPU, writing into its own ring."""
-    ring = DescriptorRing.attach(name)
+    ring = Ring.attach(name)
     try:
         with native.DeviceRing(ring) as device_ring:
             push = native.push_descriptors([device_ring], _on_device(_records(count, seed=rank, dst_rank=rank)),
@@ -314,7 +320,7 @@ def _push_from_process(name: str, rank: int, count: int) -> None:
 def test_two_ranks_share_the_gpu_each_with_its_kernel_and_ring() -> None:
     count, capacity = 200_000, 256
     ctx = mp.get_context("spawn")
-    rings = [DescriptorRing.create(capacity) for _ in range(2)]
+    rings = [Ring.create(capacity) for _ in range(2)]
     procs = [ctx.Process(target=_push_from_process, args=(ring.name, rank, count)) for rank, ring in enumerate(rings)]
     try:
         for proc in procs:
@@ -336,7 +342,7 @@ def test_two_ranks_share_the_gpu_each_with_its_kernel_and_ring() -> None:
 
 def test_a_ring_nobody_drains_stops_the_kernel_at_its_deadline() -> None:
     capacity = 8
-    with DescriptorRing.create(capacity) as ring, native.DeviceRing(ring) as device_ring:
+    with Ring.create(capacity) as ring, native.DeviceRing(ring) as device_ring:
         started = time.monotonic()
         push = native.push_descriptors([device_ring], _on_device(_records(100, seed=9)), [100], timeout_s=0.2,
                                        op="test push")
@@ -345,4 +351,4 @@ def test_a_ring_nobody_drains_stops_the_kernel_at_its_deadline() -> None:
         assert time.monotonic() - started < 10
         assert "8 of 100" in str(raised.value) and raised.value.op == "test push"
         assert ring.pending() == capacity
-        ring.pop()
+        ring.pop(capacity)

@@ -7,16 +7,19 @@ compiler is absent.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from portep.native import cuda
-from portep.proxy import ring
+from portep.native.engine import Ring
+from portep.proxy.descriptor import Descriptor, Op
 
 NATIVE = cuda.NATIVE_DIR
 SOURCES = sorted(cuda.KERNEL_DIR.glob("*.cu"))
@@ -65,11 +68,17 @@ def test_every_launched_kernel_is_defined() -> None:
     assert launched <= defined, f"launched but not defined: {sorted(launched - defined)}"
 
 
-def test_ring_layout_in_header_matches_python() -> None:
+def test_ring_layout_in_header_is_what_the_engine_writes() -> None:
+    """The kernels' descriptor writer and the compiled proxy share the ring layout of the header."""
     header = (NATIVE / "portep_descriptor.h").read_text()
     offsets = {name: int(value) for name, value in re.findall(r"#define PORTEP_RING_(\w+)_OFFSET (\d+)", header)}
-    assert offsets == {"HEAD": ring.HEAD_OFFSET, "TAIL": ring.TAIL_OFFSET, "CAPACITY": ring.CAPACITY_OFFSET,
-                       "SLOTS": ring.SLOTS_OFFSET}
+    record = Descriptor(Op.PUT_SIGNAL, 3, 1, 2, 3, 4, 5).to_record()
+    with Ring.create(8) as ring:
+        assert ring.push(record) == 1
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * ring.nbytes).from_address(ring.address))
+        word = lambda name: int(raw[offsets[name] : offsets[name] + 8].view(np.uint64)[0])  # noqa: E731
+        assert (word("HEAD"), word("TAIL"), word("CAPACITY")) == (1, 0, 8)
+        assert raw[offsets["SLOTS"] : offsets["SLOTS"] + 32].tobytes() == record.tobytes()
 
 
 @needs_nvcc
@@ -121,13 +130,3 @@ def test_hipcc_compiles_runtime_text(name: str, hip_arch: str, tmp_path: Path) -
     _check(_compile([HIPCC, f"--offload-arch={hip_arch}", "-x", "hip", *cuda.compile_options(), "-include",
                      "hip/hip_runtime.h", "-c", str(source), "-o", str(tmp_path / f"{name}.o")]),
            f"hipcc (runtime text) {name} ({hip_arch})")
-
-
-def test_ring_consumer_compiles(tmp_path: Path) -> None:
-    """The compiled ring consumer the descriptor benchmark uses."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler on this machine")
-    _check(_compile([compiler, "-O2", "-std=c11", "-Wall", "-Werror", "-I", str(NATIVE),
-                     str(NATIVE / "ring_consumer.c"), "-o", str(tmp_path / "ring_consumer"), "-lrt"]),
-           "cc ring_consumer.c")

@@ -117,16 +117,18 @@ def _first(stats: Mapping[str, Any], *names: str) -> Any:
 def format_stats(stats: Mapping[str, Any]) -> str:
     """A ``portep status`` table: one row per proxy, then rank states and dead ranks.
 
-    Columns come from the reported dicts: ``descriptors``; ``bytes`` (or ``bytes_posted``);
-    ``queue_depth`` (or ``max_queue_depth``); ``stalls``. Missing values print as ``-``.
+    Columns come from the reported dicts: ``descriptors``; ``bytes`` (or ``transport_bytes``,
+    ``bytes_posted``); ``queue_depth`` (or ``max_queue_depth``); ``stalls`` (or
+    ``transport_stalls``). Missing values print as ``-``.
     """
     columns = ("rank", "proxy", "descriptors", "bytes", "queue depth", "stalls", "age (s)")
     rows = []
     for rank, proxies in sorted(stats["proxies"].items()):
         for proxy, entry in sorted(proxies.items()):
             values = entry["stats"]
-            cells = [_first(values, "descriptors"), _human_bytes(_first(values, "bytes", "bytes_posted")),
-                     _first(values, "queue_depth", "max_queue_depth"), _first(values, "stalls")]
+            cells = [_first(values, "descriptors"),
+                     _human_bytes(_first(values, "bytes", "transport_bytes", "bytes_posted")),
+                     _first(values, "queue_depth", "max_queue_depth"), _first(values, "stalls", "transport_stalls")]
             rows.append([str(rank), str(proxy), *("-" if v is None else str(v) for v in cells),
                          f"{entry['age_s']:.1f}"])
     lines = []
