@@ -53,9 +53,10 @@ def _ucx_extension() -> list[Extension]:
     include, lib = root / "include", root / "lib"
     if not (include / "ucp" / "api" / "ucp.h").exists():
         return []
-    return [Extension("portep.native._ucx", sources=_sources("pe_transport_ucx.c", "pe_ucx_module.c", "pe_common.c"),
-                      include_dirs=[str(include)], library_dirs=[str(lib)], libraries=["ucp", "ucs"],
-                      extra_compile_args=CFLAGS, extra_link_args=["-pthread"])]
+    return [Extension("portep.native._ucx",
+                      sources=_sources("pe_transport_ucx.c", "pe_ucx_module.c", "pe_common.c", "pe_window.c"),
+                      library_dirs=[str(lib)], libraries=["ucp", "ucs", "rt"],
+                      extra_compile_args=[*CFLAGS, "-isystem", str(include)], extra_link_args=["-pthread"])]
 
 
 setup(
