@@ -103,16 +103,32 @@ def _index(index: torch.Tensor | None, keep: list[Any]) -> int:
     return index.data_ptr()
 
 
+class _FieldCache:
+    """Field arrays by the identity of their column sequence: the segments of one exchange usually
+    share their columns (every peer's rows come from the same tensors), so each is built once."""
+
+    def __init__(self, layout: RowLayout, kind: int, keep: list[Any]) -> None:
+        self.layout, self.kind, self.keep = layout, kind, keep
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def __call__(self, columns: Sequence[torch.Tensor | None]) -> np.ndarray:
+        key = id(columns)
+        if key not in self.arrays:
+            self.arrays[key] = _fields(self.layout, columns, self.kind)
+            self.keep.extend((columns, self.arrays[key]))  # the id stays unique while both live
+        return self.arrays[key]
+
+
 def _sends(plan: Plan, scope_indices: list[int], keep: list[Any]) -> np.ndarray:
     sends = np.zeros(len(scope_indices), dtype=native.SEND_DTYPE)
     counts = None if plan.counts is None else plan.counts.to(torch.int32).contiguous()
     keep.append(counts)
+    fields_of = _FieldCache(plan.layout, native.GATHER, keep)
     for i, p in enumerate(scope_indices):
         gathers = [g for g in plan.sends[p] if g.rows]
         segments = np.zeros(len(gathers), dtype=native.SEGMENT_DTYPE)
         for s, gather in enumerate(gathers):
-            fields = _fields(plan.layout, gather.columns, native.GATHER)
-            keep.append(fields)
+            fields = fields_of(gather.columns)
             segments[s] = (fields.ctypes.data, _index(gather.index, keep), gather.first, gather.rows, fields.size, 0)
         keep.append(segments)
         sends[i] = (segments.ctypes.data if gathers else 0, counts[p].data_ptr() if counts is not None else 0,
@@ -126,14 +142,15 @@ def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices:
     length, or the header's), so a peer that sends more than expected fails instead of writing past
     the destination."""
     recvs = np.zeros(len(scope_indices), dtype=native.RECV_DTYPE)
+    fields_of = {kind: _FieldCache(layout, kind, keep) for kind in (native.SCATTER, native.REDUCE)}
+    skip = [None] * len(layout.columns)
     for i, p in enumerate(scope_indices):
-        receive = receives[p] or Receive([None] * len(layout.columns))
+        receive = receives[p] or Receive(skip)
         rows = receive.rows if receive.rows is not None else receive.index.numel() if receive.index is not None \
             else known[p] if known is not None else None
         if rows is None and any(c is not None for c in receive.columns):
             raise ValueError("a receive without an index needs its row count (or the headers first)")
-        fields = _fields(layout, receive.columns, native.REDUCE if receive.reduce else native.SCATTER)
-        keep.append(fields)
+        fields = fields_of[native.REDUCE if receive.reduce else native.SCATTER](receive.columns)
         weights = touched = 0
         if receive.weights is not None:
             w = receive.weights.to(torch.float32).contiguous()
@@ -199,7 +216,7 @@ class _RingPending(PendingRows):
 
     @property
     def dropped(self) -> frozenset[int]:
-        if self.done:
+        if self.done or not self.plan.drop_dead:  # only shrink-mode exchanges drop peers
             return self._dropped
         flags = self.exchange.dropped()
         return frozenset(self.scope_ranks[p] for i, p in enumerate(self.scope_indices) if flags[i])

@@ -223,9 +223,23 @@ def ll_send_order(
     """The (token, k) selections an LL dispatch sends, ordered by (dest rank, local expert, token).
 
     Returns `token [S]`, `k [S]` (int64) and `counts [num_ranks, num_local_experts]` int64.
-    Selections of -1 and of experts on masked ranks are skipped.
+    Selections of -1 and of experts on masked ranks are skipped. On the CPU one compiled counting
+    sort does it; elsewhere torch ops do.
     """
     num_tokens, num_topk = topk_idx.shape
+    if topk_idx.is_cpu and topk_idx.dtype == torch.int64:
+        from .engine import ll_route
+
+        topk_idx = topk_idx.contiguous()
+        token = torch.empty(num_tokens * num_topk, dtype=torch.int64)
+        k = torch.empty(num_tokens * num_topk, dtype=torch.int64)
+        counts = torch.empty(num_experts, dtype=torch.int32)
+        masked = None if rank_masked is None else rank_masked.to(torch.uint8).contiguous()
+        n = ll_route(topk_idx.data_ptr(), num_tokens, num_topk, num_experts, num_ranks,
+                     masked.data_ptr() if masked is not None else 0, token.data_ptr(), k.data_ptr(), counts.data_ptr())
+        if n < 0:
+            raise MemoryError("ll_send_order: out of memory")
+        return token[:n], k[:n], counts.view(num_ranks, num_experts // num_ranks).to(torch.int64)
     local_experts = num_experts // num_ranks
     valid = topk_idx >= 0
     if rank_masked is not None:
@@ -265,6 +279,33 @@ def ll_recv_slots(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     begin = (torch.cumsum(recv_counts, dim=0) - recv_counts).t().contiguous()
     expert, slot = _slots(recv_counts, begin)
     return expert, slot, begin
+
+
+def ll_recv_positions(recv_counts: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where LL rows land on the receiver, as flat rows of the `[num_local_experts * slots]` output.
+
+    Arguments:
+        recv_counts: int64 `[num_ranks, num_local_experts]` rows from each source per expert,
+            arriving grouped by source rank, then local expert.
+
+    Returns:
+        positions `[rows]` int64 (``expert * slots + slot``), layout_range `[num_local_experts,
+        num_ranks]` int64 (``begin << 32 | count``) and the rows per expert `[num_local_experts]` int32.
+    """
+    num_ranks, local = recv_counts.shape
+    if recv_counts.is_cpu:
+        from .engine import ll_place
+
+        counts = recv_counts.to(torch.int64).contiguous()
+        positions = torch.empty(int(counts.sum()), dtype=torch.int64)
+        layout_range = torch.empty(local, num_ranks, dtype=torch.int64)
+        per_expert = torch.empty(local, dtype=torch.int32)
+        ll_place(counts.data_ptr(), num_ranks, local, slots, positions.data_ptr(), layout_range.data_ptr(),
+                 per_expert.data_ptr())
+        return positions, layout_range, per_expert
+    expert, slot, begin = ll_recv_slots(recv_counts)
+    count = recv_counts.t()
+    return expert * slots + slot, (begin << 32) | count, count.sum(1).to(torch.int32)
 
 
 def ll_combine_gather(layout_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -347,6 +388,7 @@ class CpuKernels:
     reduce_rows = staticmethod(reduce_rows)
     ll_send_order = staticmethod(ll_send_order)
     ll_recv_slots = staticmethod(ll_recv_slots)
+    ll_recv_positions = staticmethod(ll_recv_positions)
     ll_combine_gather = staticmethod(ll_combine_gather)
 
 

@@ -116,6 +116,8 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_engine_destroy", None, c_void_p)
     _declare(so, "pe_cast_f32", None, c_void_p, c_int, c_void_p, c_int64)
     _declare(so, "pe_fp8_cast", None, c_void_p, c_int, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int)
+    _declare(so, "pe_ll_route", c_int64, c_void_p, c_int64, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p)
+    _declare(so, "pe_ll_place", None, c_void_p, c_int, c_int, c_int64, c_void_p, c_void_p, c_void_p)
     for name in ("shm", "fabric", "verbs", "efa"):
         if hasattr(so, f"pe_transport_{name}"):
             _declare(so, f"pe_transport_{name}", c_void_p)
@@ -571,3 +573,16 @@ def fp8_cast(x_ptr: int, x_type: int, rows: int, hidden: int, row_stride: int, o
              round_scale: bool) -> None:
     """Per-token, per-128-channel e4m3 cast (see ``pe_fp8_cast``): one pass, no temporaries."""
     lib().pe_fp8_cast(x_ptr, x_type, rows, hidden, row_stride, out_ptr, scales_ptr, int(round_scale))
+
+
+def ll_route(topk_idx_ptr: int, tokens: int, topk: int, num_experts: int, num_ranks: int, masked_ptr: int,
+             token_ptr: int, k_ptr: int, counts_ptr: int) -> int:
+    """The selections an LL dispatch sends, by (rank, local expert, token) (see ``pe_ll_route``)."""
+    return lib().pe_ll_route(topk_idx_ptr, tokens, topk, num_experts, num_ranks, masked_ptr or None, token_ptr,
+                             k_ptr, counts_ptr)
+
+
+def ll_place(counts_ptr: int, num_ranks: int, local: int, slots: int, positions_ptr: int, layout_range_ptr: int,
+             expert_count_ptr: int) -> None:
+    """Where an LL dispatch's received rows land (see ``pe_ll_place``)."""
+    lib().pe_ll_place(counts_ptr, num_ranks, local, slots, positions_ptr, layout_range_ptr, expert_count_ptr)

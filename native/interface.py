@@ -97,6 +97,12 @@ class Kernels(Protocol):
         """Expert and slot of each received LL row, and the first slot of each (expert, source)."""
         ...
 
+    def ll_recv_positions(self, recv_counts: torch.Tensor, slots: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat expert-major row (``expert * slots + slot``) of each received LL row, the layout
+        ranges `[num_local_experts, num_ranks]` and the rows per expert."""
+        ...
+
     def ll_combine_gather(self, layout_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert and slot of each row an LL combine sends back, and the rows per source rank."""
         ...

@@ -482,6 +482,7 @@ class Buffer:
         handle = ll.LowLatencyHandle(out.src_info, out.layout_range, num_max_dispatch_tokens_per_rank, hidden,
                                      num_experts)
         handle.buffer_id, handle.send_counts, handle.masked = self.buffer_id, call.send_counts, call.masked
+        handle.dispatch = call
 
         def hook() -> None:
             call.recv(cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)

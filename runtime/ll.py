@@ -36,6 +36,7 @@ class LowLatencyHandle(tuple):
     buffer_id: int
     send_counts: torch.Tensor
     masked: torch.Tensor
+    dispatch: LLDispatch  # the routing the combine reuses
 
     def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                 hidden: int, num_experts: int) -> LowLatencyHandle:
@@ -92,8 +93,12 @@ class LLDispatch:
         local_experts, hidden = num_experts // num_ranks, x.size(1)
         self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
         self.kernels = kernels = kernels_for(x.device)
-        token, _, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
+        self.topk_idx, self.topk_version = topk_idx, topk_idx._version
+        token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
         self.send_counts = counts.sum(1)
+        per_rank = self.send_counts.tolist()
+        self.token, self.k = _split(token, per_rank), _split(k, per_rank)  # what a combine gets back
+        self.recv_rows: list[torch.Tensor] | None = None  # where each source's rows landed
 
         src_token = torch.arange(x.size(0), dtype=torch.int32, device=x.device).unsqueeze(1)
         if use_fp8:
@@ -105,8 +110,7 @@ class LLDispatch:
         self.shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int32)
         header = torch.cat([self.shape.expand(num_ranks, -1), counts.to(torch.int32).cpu()], 1)
         self.exclude = frozenset(masked.nonzero().flatten().tolist())
-        per_rank = _split(token, self.send_counts.tolist())
-        sends = [[Gather(columns, index=idx)] if idx.numel() else [] for idx in per_rank]
+        sends = [[Gather(columns, index=idx)] if idx.numel() else [] for idx in self.token]
         self.pending: PendingRows = comm.start(Plan(op, "world", self.layout, sends, counts=header,
                                                     exclude=self.exclude, drop_dead=drop_dead))
 
@@ -142,18 +146,18 @@ class LLDispatch:
         masked[sorted(dropped)] = True
         recv_counts = header[:, self.shape.numel():].to(torch.int64).to(self.masked.device)
         recv_counts = recv_counts.masked_fill(masked.unsqueeze(1), 0)
-        expert, slot, begin = self.kernels.ll_recv_slots(recv_counts)
         out = self.out
-        slots = out.x.size(1)
-        rows = _split(expert * slots + slot, recv_counts.sum(1).tolist())
+        positions, layout_range, per_expert = self.kernels.ll_recv_positions(recv_counts, out.x.size(1))
+        rows = _split(positions, recv_counts.sum(1).tolist())
         columns = [out.x, out.scales, out.src_info.unsqueeze(2)] if out.scales is not None else \
             [out.x, out.src_info.unsqueeze(2)]
         self.pending.receive([Receive(columns, index=index) for index in rows])
         self.pending.wait()
         waited = time.perf_counter_ns() - started
-        count = recv_counts.t()
-        out.layout_range.copy_((begin << 32) | count)
-        out.count.copy_(count.sum(1))
+        out.layout_range.copy_(layout_range)
+        out.count.copy_(per_expert)
+        self.recv_rows = rows
+        self.pending = None  # the engine's exchange is done; nothing else to keep
         if cumulative_stats is not None:
             cumulative_stats += out.count.to(cumulative_stats.dtype)
         if wait_cost_stats is not None:
@@ -175,19 +179,33 @@ class LLCombine:
         self.hidden, self.num_tokens, self.use_logfmt = hidden, topk_idx.size(0), use_logfmt
         self.kernels = kernels = kernels_for(expert_out.device)
         masked = masked.to(expert_out.device)
-        expected = handle.send_counts.clone()
-        expected[masked] = 0
-        token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
-        if not torch.equal(counts.sum(1), expected):
-            raise ValueError(f"{op}: topk_idx does not match the one given to low_latency_dispatch for this handle")
-        per_rank = counts.sum(1).tolist()
-        self.token = _split(token, per_rank)
-        self.weights = _split(topk_weights[token, k], per_rank)
-
-        expert, slot, per_source = kernels.ll_combine_gather(layout_range)
-        keep = ~masked.repeat_interleave(per_source)
-        per_source = per_source.masked_fill(masked, 0)
-        rows = expert[keep] * expert_out.size(1) + slot[keep]
+        dispatch = getattr(handle, "dispatch", None)
+        same = dispatch is not None and dispatch.recv_rows is not None and torch.equal(masked, dispatch.masked) and (
+            topk_idx is dispatch.topk_idx and topk_idx._version == dispatch.topk_version
+            or torch.equal(topk_idx, dispatch.topk_idx))
+        if same:  # the dispatch's routing: which selections come back from where, and which rows go back
+            self.token = dispatch.token
+            ks = dispatch.k
+            source_rows = dispatch.recv_rows
+        else:
+            expected = handle.send_counts.clone()
+            expected[masked] = 0
+            token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, masked)
+            if not torch.equal(counts.sum(1), expected):
+                raise ValueError(f"{op}: topk_idx does not match the one given to low_latency_dispatch for this "
+                                 "handle")
+            per_rank = counts.sum(1).tolist()
+            self.token, ks = _split(token, per_rank), _split(k, per_rank)
+            expert, slot, per_source = kernels.ll_combine_gather(layout_range)
+            source_rows = _split(expert * expert_out.size(1) + slot, per_source.tolist())
+        self.weights = [topk_weights[t, k] for t, k in zip(self.token, ks, strict=True)]
+        if masked.any():
+            dead = masked.tolist()
+            self.token = [t[:0] if dead[r] else t for r, t in enumerate(self.token)]
+            self.weights = [w[:0] if dead[r] else w for r, w in enumerate(self.weights)]
+            source_rows = [rows[:0] if dead[r] else rows for r, rows in enumerate(source_rows)]
+        per_source = torch.tensor([rows.numel() for rows in source_rows], dtype=torch.int64)
+        rows = torch.cat(source_rows) if use_logfmt else None
         if use_logfmt:
             source = kernels.logfmt_encode(expert_out.reshape(-1, hidden)[rows]) if rows.numel() else \
                 torch.empty(0, logfmt_row_bytes(hidden), dtype=torch.uint8, device=expert_out.device)
@@ -196,15 +214,14 @@ class LLCombine:
                                                                                        strict=True)]
             self.layout = RowLayout([WireColumn(torch.uint8, source.size(1))])
         else:
-            sends = [[Gather([expert_out], index=idx)] if idx.numel() else []
-                     for idx in _split(rows, per_source.tolist())]
+            sends = [[Gather([expert_out], index=idx)] if idx.numel() else [] for idx in source_rows]
             self.layout = RowLayout([WireColumn(expert_out.dtype, hidden)])
         # Not zeroed: the first row to reach a token is stored, the others added (``touched``).
         self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
         self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
         if use_logfmt:
-            self.encoded = [torch.empty(n, self.layout.row_bytes, dtype=torch.uint8, device=expert_out.device)
-                            for n in per_rank]
+            self.encoded = [torch.empty(t.numel(), self.layout.row_bytes, dtype=torch.uint8, device=expert_out.device)
+                            for t in self.token]
             receives = [Receive([t], rows=t.size(0)) for t in self.encoded]
         else:
             receives = [Receive([self.acc], index=t, reduce=True, weights=w, touched=self.touched, rows=t.numel())

@@ -7,11 +7,16 @@ freshly allocated tensors every call would pay that on every byte. :class:`HostP
 CPU tensors carved from blocks it keeps; when the last tensor using a block is gone (the caller
 dropped its result, and every view of it), the block goes back to the pool for the next call, as
 a GPU caching allocator does. Small tensors and other devices use the plain allocator.
+
+Blocks are anonymous mappings with ordinary 4 KiB pages: outputs such as the LL dispatch's
+expert-major `[experts, ranks * T, hidden]` tensor are large and written sparsely, and a huge page
+(numpy asks for them on its large arrays) would make each first touch zero 2 MiB.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 import weakref
 
@@ -55,7 +60,7 @@ class HostPool:
             else:
                 self.allocated += 1
         if block is None:
-            block = np.empty(size, dtype=np.uint8)
+            block = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
         view = block[:nbytes]
         weakref.finalize(view, self._give_back, block)
         return torch.from_numpy(view).view(dtype).view(shape)

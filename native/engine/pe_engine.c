@@ -12,6 +12,7 @@
 #define OP_CHARS 40
 #define SLEEP_SLICE_US 1000  // the longest a waiting rank sleeps before it looks again
 #define LIVENESS_PERIOD_S 0.002
+#define SPIN_ATTEMPTS 48  // back-off steps (spins, then yields) before a waiting rank sleeps
 
 enum peer_mode { PEER_UNSET = 0, PEER_SELF, PEER_DIRECT, PEER_PROXIED };
 
@@ -780,7 +781,7 @@ static int wait_for(pe_exchange_t *x, int (*done)(const pe_exchange_t *), double
       if (check_links(e, x, err) != 0) return -1;
     }
     if (now >= until) return 1;
-    if (b.attempts < 48) {  // spin, then yield: the data is usually moments away
+    if (b.attempts < SPIN_ATTEMPTS) {  // spin, then yield: the data may be moments away
       pe_backoff_step(&b);
       continue;
     }
