@@ -109,6 +109,7 @@ class Buffer:
         self._rdma_buffer = torch.zeros(num_rdma_bytes, dtype=torch.uint8, device=self.device)
         self._ll_half = 0
         self._mask = torch.zeros(self.group_size, dtype=torch.int32)
+        self._last_layout: _Versions | None = None  # what get_dispatch_layout returned last
         self._destroyed = False
 
     # ------------------------------------------------------------------ static API
@@ -225,6 +226,7 @@ class Buffer:
         check.check_topk_idx(op, topk_idx, num_experts)
         check.check_comm_stream_args(op, allocate_on_comm_stream, previous_event, async_finish)
         layout = cpu.dispatch_layout(topk_idx, num_experts, self.group_size, self.topology.ranks_per_node)
+        self._last_layout = _Versions((topk_idx, *layout))
         return (*layout, _event(async_finish, topk_idx, *layout))
 
     def _check_layout(self, op: str, num_tokens: int, num_tokens_per_rank: Any, num_tokens_per_rdma_rank: Any,
@@ -241,6 +243,12 @@ class Buffer:
         if num_tokens_per_rdma_rank is not None:
             check.check_tensor(op, "num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, torch.int32,
                                (self.topology.num_nodes,))
+        # What this Buffer's get_dispatch_layout computed from this very topk_idx, untouched since, is
+        # consistent by construction: the checks against topk_idx below would only redo that work.
+        if self._last_layout is not None and self._last_layout.same(
+                (topk_idx, num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)):
+            check.check_topk_idx(op, topk_idx, num_experts, num_tokens)
+            return
         if not torch.equal(num_tokens_per_rank, is_token_in_rank.sum(0, dtype=torch.int32)):
             raise ValueError(f"{op}: num_tokens_per_rank does not match is_token_in_rank")
         if topk_idx is None:
@@ -608,6 +616,20 @@ class Buffer:
         """Unmask every rank."""
         self._shrink("low_latency_clean_mask_buffer")
         self._mask.zero_()
+
+
+class _Versions:
+    """Tensors, remembered by identity and version: :meth:`same` is true for exactly these objects,
+    none of them modified since (in place, which bumps a tensor's version)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        self.tensors = tensors
+        self.versions = tuple(None if t is None else t._version for t in tensors)
+
+    def same(self, tensors: tuple[Any, ...]) -> bool:
+        return len(tensors) == len(self.tensors) and all(
+            a is b and (a is None or a._version == v) for a, b, v in zip(tensors, self.tensors, self.versions,
+                                                                          strict=True))
 
 
 def _pad_rows(tensor: torch.Tensor | None, rows: int, fill: float) -> torch.Tensor | None:

@@ -12,7 +12,7 @@
 
 #define BATCH 256
 #define IDLE_SLEEP_MS 20      // the longest an idle proxy sleeps before it looks around again
-#define SPIN_BEFORE_SLEEP 64  // idle passes (spinning, then yielding) before the thread sleeps
+#define SPIN_BEFORE_SLEEP 16  // idle passes (spinning, then yielding) before the thread sleeps
 #define MAX_PEERS 4096        // fixed tables: ranks read them without the lock, so they never move
 #define MAX_ENDPOINTS 256
 
