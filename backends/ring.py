@@ -389,11 +389,13 @@ class RingBackend(CommBackend):
         except PortepError as exc:
             error = exc
         self.failed = str(error)
-        # A dead rank is named by the control plane to everyone; anything else (a broken link, other
-        # shapes, a deadline) is published so that peers fail at once, naming this rank and its cause.
+        # A dead rank is named by the control plane to everyone; anything else is published so that
+        # peers fail at once: a link that failed names the rank at its far end, other causes (other
+        # shapes, a deadline) name this rank.
         if not isinstance(error, PeerFailureError) or getattr(error, "link", False):
+            culprits = error.ranks if isinstance(error, PeerFailureError) else ()
             try:
-                self.session.publish_failure(self.prefix, op, str(error))
+                self.session.publish_failure(self.prefix, op, str(error), culprits)
             except PortepError:
                 pass  # the control plane is gone too: peers will name this rank by its deadline
         raise error

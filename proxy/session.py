@@ -86,11 +86,13 @@ class ControlSession:
     def new_proxy_id(self) -> int:
         return next(self._proxy_ids)
 
-    def publish_failure(self, prefix: str, op: str, detail: str) -> None:
-        """Tell the Buffer's peers that this rank gave up on ``op`` (first failure wins)."""
+    def publish_failure(self, prefix: str, op: str, detail: str, culprits: Collection[int] = ()) -> None:
+        """Tell the Buffer's peers that this rank gave up on ``op`` (first failure wins), because of
+        ``culprits`` (e.g. a peer it lost its link to) or, when there are none, of its own."""
         key = f"{prefix}/failed"
         if self.client.try_get(key) is None:
-            self.client.put(key, json.dumps({"rank": self.rank, "op": op, "detail": detail}).encode())
+            self.client.put(key, json.dumps({"rank": self.rank, "op": op, "detail": detail,
+                                             "culprits": sorted(culprits)}).encode())
 
     def check_failure_notice(self, prefix: str, op: str, ignored: Collection[int]) -> None:
         """Raise :class:`PeerFailureError` if a rank not in ``ignored`` gave up on the Buffer
@@ -101,8 +103,12 @@ class ControlSession:
             return  # the server is unreachable: heartbeats will name its host
         if failed is not None:
             info = json.loads(failed)
-            if info["rank"] not in ignored:
-                raise PeerFailureError(op, [info["rank"]], detail=f"it failed in {info['op']}: {info['detail']}")
+            ranks = [r for r in info.get("culprits", ()) if r not in ignored]
+            if not ranks and info["rank"] not in ignored:
+                ranks = [info["rank"]]
+            if ranks:
+                detail = f"rank {info['rank']} gave up in {info['op']}: {info['detail']}"
+                raise PeerFailureError(op, ranks, detail=detail)
 
     def close(self) -> None:
         self.client.close()

@@ -738,6 +738,10 @@ static int check_links(pe_engine_t *e, pe_exchange_t *x, char *err) {
     peer_t *p = &e->peers[x->peers[i]];
     char why[PE_ERR_LEN] = "";
     if (p->mode == PEER_PROXIED && pe_proxy_rank_status(p->proxy, p->endpoint, x->peers[i], why) != 0) {
+      if (x->flags & PE_DROP_DEAD) {  // as for a dead rank: go on without it
+        pe_engine_drop(e, x->peers[i]);
+        continue;
+      }
       pe_err(err, "%s: rank %d is unreachable: %s", x->op, x->peers[i], why);
       return fail(e, PE_ERR_PEER, x->peers[i]);
     }
