@@ -58,7 +58,7 @@ def measure(count: int, batch: int, capacity: int, with_proxy: bool) -> tuple[fl
         proc.start()
         if with_proxy:
             window = engine.Window.create(4, 2 * SLOTS * PUT_BYTES)
-            proxy = engine.Proxy("shm")
+            proxy = engine.Proxy("shm", stay_awake_us=2000)
             endpoint, key = proxy.add_endpoint(ring, window, 1)
             proxy.set_rank(endpoint, 0, proxy.connect(proxy.address()), key)
             try:

@@ -78,7 +78,7 @@ class Consumer:
         elif kind == "proxy":
             per_ring = -(-total // len(rings))
             self.window = engine.Window.create(1, PUT_BYTES * (per_ring + 1))
-            self.proxy = engine.Proxy("shm")
+            self.proxy = engine.Proxy("shm", stay_awake_us=2000)
             peer = self.proxy.connect(self.proxy.address())
             self.endpoints = []
             for ring in rings:

@@ -81,7 +81,7 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_shm_unlink", None, c_void_p)
     _declare(so, "pe_shm_close", None, c_void_p)
     # proxy
-    _declare(so, "pe_proxy_create", c_void_p, c_void_p, c_char_p, c_char_p)
+    _declare(so, "pe_proxy_create", c_void_p, c_void_p, c_char_p, c_uint64, c_char_p)
     _declare(so, "pe_proxy_transport_name", c_char_p, c_void_p)
     _declare(so, "pe_proxy_address", c_int, c_void_p, u8p, c_size_t, POINTER(c_size_t), c_char_p)
     _declare(so, "pe_proxy_connect", c_int, c_void_p, u8p, c_size_t, c_char_p)
@@ -336,13 +336,18 @@ def verbs_probe(efa: bool) -> str | None:
 
 
 class Proxy:
-    """The compiled proxy thread and its transport (one per process, shared by every Buffer)."""
+    """The compiled proxy thread and its transport (one per process, shared by every Buffer).
 
-    def __init__(self, transport: str, options: str = "") -> None:
+    ``stay_awake_us``: how long the idle thread keeps polling before it sleeps until woken. Ranks
+    wake it after they push (a short time spares their cores); producers that cannot — a GPU
+    kernel, another process — want a long one.
+    """
+
+    def __init__(self, transport: str, options: str = "", stay_awake_us: float = 50.0) -> None:
         err = _err()
         self.transport_name = transport
         self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
-        self._p = lib().pe_proxy_create(transport_ops(transport), options.encode(), err)
+        self._p = lib().pe_proxy_create(transport_ops(transport), options.encode(), int(stay_awake_us * 1000), err)
         if not self._p:
             raise EngineError(f"{transport} transport: {_text(err)}")
 

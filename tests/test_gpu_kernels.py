@@ -279,7 +279,7 @@ def test_kernel_descriptors_drive_the_proxy() -> None:
     recs["signal_value"] = signal.astype(np.int32)
     windows = [Window.create(4, num_tokens * token_bytes) for _ in range(2)]
     windows[0].data[:] = rng.integers(0, 256, windows[0].data.size, dtype=np.uint8)
-    proxy = Proxy("shm")
+    proxy = Proxy("shm", stay_awake_us=2000)
     ring = Ring.create(32)
     device_ring = native.DeviceRing(ring)
     endpoint, _ = proxy.add_endpoint(ring, windows[0], 2)

@@ -11,8 +11,7 @@
 #include <unistd.h>
 
 #define BATCH 256
-#define IDLE_SLEEP_MS 20      // the longest an idle proxy sleeps before it looks around again
-#define SPIN_BEFORE_SLEEP 16  // idle passes (spinning, then yielding) before the thread sleeps
+#define IDLE_SLEEP_MS 5  // the longest an idle proxy sleeps before it looks around again
 #define MAX_PEERS 4096        // fixed tables: ranks read them without the lock, so they never move
 #define MAX_ENDPOINTS 256
 
@@ -55,6 +54,7 @@ struct pe_proxy {
   pthread_t thread;
   pthread_mutex_t lock;  // held by the thread while it steps, and by control calls
   int wake_fd;
+  uint64_t stay_awake_ns;  // idle time spent spinning, yielding and napping before the thread sleeps
   int stop;        // control -> thread (release)
   int sleeping;    // thread -> ranks: 1 while it blocks in poll()
   int stopped;     // thread -> control
@@ -273,14 +273,18 @@ static void *proxy_main(void *arg) {
   pe_proxy_t *p = arg;
   pe_backoff_t idle;
   pe_backoff_init(&idle, 50);
+  uint64_t idle_since = 0;
   pthread_mutex_lock(&p->lock);
   while (!pe_load_acquire_i32(&p->stop)) {
     if (step(p)) {
       pe_backoff_reset(&idle);
+      idle_since = 0;
       continue;
     }
     p->stats.idle_polls++;
-    if (idle.attempts < SPIN_BEFORE_SLEEP) {
+    const uint64_t now = pe_now_ns();
+    if (!idle_since) idle_since = now;
+    if (now - idle_since < p->stay_awake_ns) {
       pthread_mutex_unlock(&p->lock);
       pe_backoff_step(&idle);
       pthread_mutex_lock(&p->lock);
@@ -288,19 +292,21 @@ static void *proxy_main(void *arg) {
     }
     sleep_until_work(p);
     pe_backoff_reset(&idle);
+    idle_since = 0;
   }
   pthread_mutex_unlock(&p->lock);
   return NULL;
 }
 
 // ------------------------------------------------------------------------------------ control
-pe_proxy_t *pe_proxy_create(const pe_transport_ops_t *ops, const char *options, char *err) {
+pe_proxy_t *pe_proxy_create(const pe_transport_ops_t *ops, const char *options, uint64_t stay_awake_ns, char *err) {
   pe_proxy_t *p = calloc(1, sizeof *p);
   if (p == NULL) {
     pe_err(err, "proxy: out of memory");
     return NULL;
   }
   p->ops = ops;
+  p->stay_awake_ns = stay_awake_ns;
   p->peers = calloc(MAX_PEERS, sizeof *p->peers);
   p->endpoints = calloc(MAX_ENDPOINTS, sizeof *p->endpoints);
   p->transport = p->peers && p->endpoints ? ops->create(options, err) : NULL;

@@ -31,8 +31,11 @@ typedef struct pe_proxy_stats {
   pe_transport_stats_t transport;
 } pe_proxy_stats_t;
 
-// Start a proxy thread over a new instance of `ops` (created with `options`).
-pe_proxy_t *pe_proxy_create(const pe_transport_ops_t *ops, const char *options, char *err);
+// Start a proxy thread over a new instance of `ops` (created with `options`). Once idle, the thread
+// spins, yields and naps for `stay_awake_ns` before it sleeps until woken (pe_proxy_wake, or its
+// transport's fd) or a few ms pass. Ranks wake it after they push, so a short time spares the
+// cores they share; producers that cannot wake it (a GPU kernel, another process) want a long one.
+pe_proxy_t *pe_proxy_create(const pe_transport_ops_t *ops, const char *options, uint64_t stay_awake_ns, char *err);
 const char *pe_proxy_transport_name(const pe_proxy_t *p);
 int pe_proxy_address(pe_proxy_t *p, uint8_t *buf, size_t cap, size_t *len, char *err);
 // A peer process by its proxy's address (connected once; the same address gives the same id).
