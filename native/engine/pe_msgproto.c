@@ -538,24 +538,25 @@ static int full_seq(const entry_t *e, uint32_t seq, uint32_t *full) {
   return 0;
 }
 
-int pe_msg_table_data(pe_msg_table_t *t, uint64_t src, uint32_t imm, uint64_t nbytes, char *err) {
-  int kind;
-  uint32_t counter, seq, full;
-  int32_t value;
-  pe_imm_decode(imm, &kind, &counter, &seq, &value);
-  if (kind != PE_IMM_DATA || value != 0) {
-    pe_err(err, "immediate 0x%08x of a data fragment is not a DATA immediate", imm);
-    return -1;
-  }
-  if (region_of_counter(t, counter) == NULL) return 0;  // its region was removed: nothing to count
+// The pending entry of signal `seq` of (src, counter), for its bytes (`for_bytes`) or for the
+// signal itself. Returns 1 with *entry / *pending set, 0 when the counter's region was removed
+// (nothing to count), -1 with `err`.
+static int pending_of(pe_msg_table_t *t, uint64_t src, uint32_t counter, uint32_t seq, int for_bytes,
+                      entry_t **entry, pend_t **pending, char *err) {
+  if (region_of_counter(t, counter) == NULL) return 0;
   entry_t *e = entry_of(t, src, counter);
+  uint32_t full;
   if (e == NULL) {
     pe_err(err, "signal table: out of memory");
     return -1;
   }
   if (full_seq(e, seq, &full) != 0) {
-    pe_err(err, "bytes of signal %u of counter %u arrived after that signal was applied (next: %u)", seq, counter,
-           e->expect & IMM_SEQ_MASK);
+    if (for_bytes)
+      pe_err(err, "bytes of signal %u of counter %u arrived after that signal was applied (next: %u)", seq, counter,
+             e->expect & IMM_SEQ_MASK);
+    else
+      pe_err(err, "signal %u of counter %u arrived after it was applied (next: %u)", seq, counter,
+             e->expect & IMM_SEQ_MASK);
     return -1;
   }
   pend_t *p = pend_of(e, full);
@@ -563,6 +564,24 @@ int pe_msg_table_data(pe_msg_table_t *t, uint64_t src, uint32_t imm, uint64_t nb
     pe_err(err, "signal table: out of memory");
     return -1;
   }
+  *entry = e;
+  *pending = p;
+  return 1;
+}
+
+int pe_msg_table_data(pe_msg_table_t *t, uint64_t src, uint32_t imm, uint64_t nbytes, char *err) {
+  int kind;
+  uint32_t counter, seq;
+  int32_t value;
+  pe_imm_decode(imm, &kind, &counter, &seq, &value);
+  if (kind != PE_IMM_DATA || value != 0) {
+    pe_err(err, "immediate 0x%08x of a data fragment is not a DATA immediate", imm);
+    return -1;
+  }
+  entry_t *e;
+  pend_t *p;
+  int found = pending_of(t, src, counter, seq, 1, &e, &p, err);
+  if (found <= 0) return found;  // 0: its region was removed, nothing to count
   p->landed += nbytes;
   if (p->has_signal && p->landed > p->need) {
     pe_err(err, "counter %u received %llu bytes for signal %u, which guards %llu", counter,
@@ -574,29 +593,17 @@ int pe_msg_table_data(pe_msg_table_t *t, uint64_t src, uint32_t imm, uint64_t nb
 
 int pe_msg_table_signal(pe_msg_table_t *t, uint64_t src, uint32_t imm, uint64_t need, char *err) {
   int kind;
-  uint32_t counter, seq, full;
+  uint32_t counter, seq;
   int32_t value;
   pe_imm_decode(imm, &kind, &counter, &seq, &value);
   if (kind != PE_IMM_SIGNAL) {
     pe_err(err, "immediate 0x%08x of a signal is not a SIGNAL immediate", imm);
     return -1;
   }
-  if (region_of_counter(t, counter) == NULL) return 0;
-  entry_t *e = entry_of(t, src, counter);
-  if (e == NULL) {
-    pe_err(err, "signal table: out of memory");
-    return -1;
-  }
-  if (full_seq(e, seq, &full) != 0) {
-    pe_err(err, "signal %u of counter %u arrived after it was applied (next: %u)", seq, counter,
-           e->expect & IMM_SEQ_MASK);
-    return -1;
-  }
-  pend_t *p = pend_of(e, full);
-  if (p == NULL) {
-    pe_err(err, "signal table: out of memory");
-    return -1;
-  }
+  entry_t *e;
+  pend_t *p;
+  int found = pending_of(t, src, counter, seq, 0, &e, &p, err);
+  if (found <= 0) return found;
   if (p->has_signal) {
     pe_err(err, "signal %u of counter %u arrived twice", seq, counter);
     return -1;
