@@ -349,7 +349,8 @@ class Proxy:
         self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
         self._p = lib().pe_proxy_create(transport_ops(transport), options.encode(), int(stay_awake_us * 1000), err)
         if not self._p:
-            raise EngineError(f"{transport} transport: {_text(err)}")
+            text = _text(err)
+            raise EngineError(text if text.startswith(transport) else f"{transport} transport: {text}")
 
     @property
     def ptr(self) -> int:

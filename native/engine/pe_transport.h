@@ -99,3 +99,6 @@ const pe_transport_ops_t *pe_transport_shm(void);
 const pe_transport_ops_t *pe_transport_fabric(void);
 const pe_transport_ops_t *pe_transport_verbs(void);
 const pe_transport_ops_t *pe_transport_efa(void);
+// 1 when a usable RDMA device of that kind (EFA, or InfiniBand / RoCE) exists, else 0 with why in
+// `err` (libibverbs missing, no device, a device of the other kind).
+int pe_verbs_probe(int efa, char *err);
