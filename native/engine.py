@@ -235,7 +235,10 @@ class Ring:
         shm, s, err = _Shm(), _RingStruct(), _err()
         so = lib()
         if so.pe_shm_create(ctypes.byref(shm), (name or segment_name("ring")).encode(), so.pe_ring_bytes(capacity),
-                            err) != 0 or so.pe_ring_format(ctypes.byref(s), shm.base, capacity, err) != 0:
+                            err) != 0:
+            raise EngineError(_text(err))
+        if so.pe_ring_format(ctypes.byref(s), shm.base, capacity, err) != 0:
+            so.pe_shm_close(ctypes.byref(shm))  # unlinks the segment it just made
             raise EngineError(_text(err))
         return cls(shm, s)
 

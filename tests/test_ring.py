@@ -6,14 +6,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portep.native.engine import EngineError, Ring
+from portep.native.engine import EngineError, Ring, segment_name
 from portep.proxy.descriptor import DESCRIPTOR_DTYPE
+from tests.conftest import SHM_DIR
 
 
 def numbered(start: int, count: int) -> np.ndarray:
@@ -85,8 +87,10 @@ def test_full_ring_takes_only_what_fits() -> None:
 
 
 def test_capacity_must_be_a_power_of_two() -> None:
+    name = segment_name("ring")
     with pytest.raises(EngineError, match="power of two"):
-        Ring.create(12)
+        Ring.create(12, name=name)
+    assert not Path(SHM_DIR, name).exists(), "a refused ring left its shared-memory segment"
 
 
 def _produce_in_child(name: str, count: int) -> None:
