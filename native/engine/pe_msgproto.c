@@ -88,6 +88,28 @@ int pe_msg_key_read(pe_msg_key_t *k, const uint8_t *buf, size_t len, char *err) 
   return 0;
 }
 
+int pe_msg_remotes_add(pe_msg_remotes_t *r, int peer, const pe_msg_key_t *key) {
+  pe_msg_remote_t *more = realloc(r->items, (size_t)(r->count + 1) * sizeof *more);
+  if (more == NULL) return -1;
+  r->items = more;
+  r->items[r->count] = (pe_msg_remote_t){.peer = peer, .used = 1, .key = *key};
+  return r->count++;
+}
+
+void pe_msg_remotes_release(pe_msg_remotes_t *r, int index) {
+  if (index >= 0 && index < r->count) r->items[index].used = 0;
+}
+
+const pe_msg_remote_t *pe_msg_remotes_get(const pe_msg_remotes_t *r, int index) {
+  return index >= 0 && index < r->count && r->items[index].used ? &r->items[index] : NULL;
+}
+
+void pe_msg_remotes_free(pe_msg_remotes_t *r) {
+  free(r->items);
+  r->items = NULL;
+  r->count = 0;
+}
+
 int pe_msg_key_counter(const pe_msg_key_t *k, uint64_t sig_off, uint32_t *counter, char *err) {
   if (sig_off < k->sig_base || (sig_off - k->sig_base) % sizeof(int64_t) ||
       (sig_off - k->sig_base) / sizeof(int64_t) >= k->num_counters) {

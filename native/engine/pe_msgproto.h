@@ -101,6 +101,25 @@ typedef struct pe_msg_key {
 
 int pe_msg_key_write(const pe_msg_key_t *k, uint8_t *buf, size_t cap, size_t *len, char *err);
 int pe_msg_key_read(pe_msg_key_t *k, const uint8_t *buf, size_t len, char *err);
+
+// The regions of peers this transport imported: an index per import, kept until released.
+typedef struct pe_msg_remote {
+  int peer;
+  int used;
+  pe_msg_key_t key;
+} pe_msg_remote_t;
+
+typedef struct pe_msg_remotes {
+  pe_msg_remote_t *items;
+  int count;
+} pe_msg_remotes_t;
+
+// Index of the new remote, or -1 when out of memory.
+int pe_msg_remotes_add(pe_msg_remotes_t *r, int peer, const pe_msg_key_t *key);
+void pe_msg_remotes_release(pe_msg_remotes_t *r, int index);
+// The remote at `index` if it exists and was not released, else NULL.
+const pe_msg_remote_t *pe_msg_remotes_get(const pe_msg_remotes_t *r, int index);
+void pe_msg_remotes_free(pe_msg_remotes_t *r);
 // The counter index of the int64 at `sig_off` of the remote region `k`; -1 with `err` when there is none.
 int pe_msg_key_counter(const pe_msg_key_t *k, uint64_t sig_off, uint32_t *counter, char *err);
 

@@ -61,12 +61,6 @@ typedef struct fab_peer {
   char error[PE_ERR_LEN];
 } fab_peer_t;
 
-typedef struct fab_remote {
-  int peer;
-  int used;
-  pe_msg_key_t key;
-} fab_remote_t;
-
 typedef struct fab_held {
   uint64_t arrival;  // arrival order
   uint64_t due;      // first poll it may be delivered at
@@ -84,8 +78,7 @@ struct pe_transport {
   double drop;
   fab_peer_t *peers;
   int num_peers;
-  fab_remote_t *remotes;
-  int num_remotes;
+  pe_msg_remotes_t remotes;
   pe_msg_table_t *table;
   pe_msg_seqs_t *seqs;
   fab_held_t **pool;
@@ -254,7 +247,7 @@ static void fab_destroy(pe_transport_t *t) {
   free(t->pool);
   free(t->released);
   free(t->peers);
-  free(t->remotes);
+  pe_msg_remotes_free(&t->remotes);
   pe_msg_table_destroy(t->table);
   pe_msg_seqs_destroy(t->seqs);
   free(t->rx);
@@ -329,18 +322,13 @@ static int fab_import(pe_transport_t *t, int peer, const uint8_t *key, size_t le
     return -1;
   }
   if (pe_msg_key_read(&k, key, len, err) != 0) return -1;
-  fab_remote_t *more = realloc(t->remotes, (size_t)(t->num_remotes + 1) * sizeof *more);
-  if (more == NULL) {
-    pe_err(err, "fabric transport: out of memory");
-    return -1;
-  }
-  t->remotes = more;
-  t->remotes[t->num_remotes] = (fab_remote_t){.peer = peer, .used = 1, .key = k};
-  return t->num_remotes++;
+  const int remote = pe_msg_remotes_add(&t->remotes, peer, &k);
+  if (remote < 0) pe_err(err, "fabric transport: out of memory");
+  return remote;
 }
 
 static void fab_release(pe_transport_t *t, int remote) {
-  if (remote >= 0 && remote < t->num_remotes) t->remotes[remote].used = 0;
+  pe_msg_remotes_release(&t->remotes, remote);
 }
 
 // ------------------------------------------------------------------------------------ sending
@@ -377,11 +365,11 @@ static int fab_put_signal(pe_transport_t *t, int region, uint64_t src_off, int r
                           uint64_t sig_off, int64_t value, char *err) {
   uint64_t region_len = 0;
   uint8_t *base = region >= 0 ? pe_msg_table_region(t->table, (uint32_t)region, &region_len) : NULL;
-  if (base == NULL || remote < 0 || remote >= t->num_remotes || !t->remotes[remote].used) {
+  const pe_msg_remote_t *r = pe_msg_remotes_get(&t->remotes, remote);
+  if (base == NULL || r == NULL) {
     pe_err(err, "fabric transport: unknown region %d or remote region %d", region, remote);
     return PE_FAILED;
   }
-  const fab_remote_t *r = &t->remotes[remote];
   fab_peer_t *peer = &t->peers[r->peer];
   if (peer->failed) {
     pe_err(err, "%s", peer->error);

@@ -380,11 +380,6 @@ typedef struct vb_peer {
   char error[PE_ERR_LEN];
 } vb_peer_t;
 
-typedef struct vb_remote {
-  int peer, used;
-  pe_msg_key_t key;
-} vb_remote_t;
-
 struct pe_transport {
   int efa;
   const char *who;
@@ -406,8 +401,7 @@ struct pe_transport {
   int num_peers;
   struct ibv_mr **mrs;     // RC: by local region id
   int num_mrs;
-  vb_remote_t *remotes;
-  int num_remotes;
+  pe_msg_remotes_t remotes;
   pe_msg_table_t *table;
   pe_msg_seqs_t *seqs;
   uint64_t inflight;
@@ -457,7 +451,7 @@ static void vb_destroy(pe_transport_t *t) {
   free(t->free_bufs);
   free(t->peers);
   free(t->mrs);
-  free(t->remotes);
+  pe_msg_remotes_free(&t->remotes);
   pe_msg_table_destroy(t->table);
   pe_msg_seqs_destroy(t->seqs);
   free(t);
@@ -907,18 +901,13 @@ static int vb_import(pe_transport_t *t, int peer, const uint8_t *key, size_t len
     pe_err(err, "%s: %s", t->who, why);
     return -1;
   }
-  vb_remote_t *more = realloc(t->remotes, (size_t)(t->num_remotes + 1) * sizeof *more);
-  if (more == NULL) {
-    pe_err(err, "%s: out of memory", t->who);
-    return -1;
-  }
-  t->remotes = more;
-  t->remotes[t->num_remotes] = (vb_remote_t){.peer = peer, .used = 1, .key = k};
-  return t->num_remotes++;
+  const int remote = pe_msg_remotes_add(&t->remotes, peer, &k);
+  if (remote < 0) pe_err(err, "%s: out of memory", t->who);
+  return remote;
 }
 
 static void vb_release(pe_transport_t *t, int remote) {
-  if (remote >= 0 && remote < t->num_remotes) t->remotes[remote].used = 0;
+  pe_msg_remotes_release(&t->remotes, remote);
 }
 
 // ------------------------------------------------------------------------------------ sending
@@ -929,7 +918,7 @@ static int rc_pump(pe_transport_t *t, int i) {
   int posted = 0;
   pe_msg_put_t *put;
   while (!p->failed && p->inflight < t->sq_depth && (put = pe_msg_queue_front(&p->queue)) != NULL) {
-    const vb_remote_t *r = &t->remotes[put->region];  // RC names remotes by their index here
+    const pe_msg_remote_t *r = &t->remotes.items[put->region];  // RC names remotes by their index here
     pe_msg_hdr_t h;
     uint64_t src;
     pe_msg_put_peek(put, 0, &h, &src);
@@ -1036,11 +1025,11 @@ static int vb_put_signal(pe_transport_t *t, int region, uint64_t src_off, int re
                          uint64_t sig_off, int64_t value, char *err) {
   uint64_t region_len = 0;
   uint8_t *base = region >= 0 ? pe_msg_table_region(t->table, (uint32_t)region, &region_len) : NULL;
-  if (base == NULL || remote < 0 || remote >= t->num_remotes || !t->remotes[remote].used) {
+  const pe_msg_remote_t *r = pe_msg_remotes_get(&t->remotes, remote);
+  if (base == NULL || r == NULL) {
     pe_err(err, "%s: unknown region %d or remote region %d", t->who, region, remote);
     return PE_FAILED;
   }
-  const vb_remote_t *r = &t->remotes[remote];
   vb_peer_t *peer = &t->peers[r->peer];
   if (peer->failed) {
     pe_err(err, "%s", peer->error);
