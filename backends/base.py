@@ -8,7 +8,10 @@ scopes of peers:
 * ``"node"``: the ranks of this rank's node, indexed by local rank (NVLink / xGMI / shared memory);
 * ``"peers"``: the ranks with this rank's local index on every node, indexed by node (the network).
 
-A backend is chosen by name from :mod:`portep.backends`; callers never branch on it.
+A backend is chosen by name from :mod:`portep.backends`; callers never branch on its name. A
+backend may also run a whole LL dispatch and combine in one compiled step
+(:meth:`CommBackend.native_ll`), as DeepEP has LL kernels of their own; the plans stay the
+definition of what moves.
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ class CommBackend(ABC):
         pending = self.start(plan)
         pending.wait()
         return pending
+
+    def native_ll(self, device: torch.device) -> bool:
+        """Whether this backend runs LL dispatch and combine on tensors of ``device`` itself
+        (``ll_dispatch`` / ``ll_combine``); otherwise they run as plans."""
+        return False
 
     def exchange_counts(self, counts: torch.Tensor, op: str) -> torch.Tensor:
         """Send row ``r`` of int32 ``[num_ranks, k]`` ``counts`` to rank ``r``; returns the

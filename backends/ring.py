@@ -229,6 +229,19 @@ class _RingPending(PendingRows):
         return self.plan.exclude
 
 
+class _LLPending(_RingPending):
+    """An LL dispatch or combine run by the engine as one step (see :meth:`RingBackend.ll_dispatch`)."""
+
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        raise NotImplementedError("the engine reads an LL dispatch's headers itself")
+
+    def wait_headers(self) -> None:
+        self.backend.wait(self.plan.op, self, lambda s: True if self.exchange.headers_arrived(s) else None)
+
+    def receive(self, receives: list[Receive | None]) -> None:
+        raise NotImplementedError("the engine places an LL dispatch's rows itself")
+
+
 class _StagedPending(PendingRows):
     """A plan on device tensors: rows packed on the device, moved through host memory as byte rows by
     the engine, applied on the device."""
@@ -360,6 +373,79 @@ class RingBackend(CommBackend):
         exchange = self.guarded(plan.op, lambda: self.engine.start(
             plan.op, peers, sends, plan.layout.row_bytes, plan.num_counts, recvs, plan.drop_dead, keep))
         return _RingPending(self, plan, exchange, scope_indices, scope_ranks)
+
+    # ------------------------------------------------------------------ LL, run by the engine
+    def native_ll(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _LLPending:
+        me = self.topology.rank
+        flags = masked.tolist()
+        scope_indices = [r for r, m in enumerate(flags) if not m or r == me]
+        plan = Plan(op, "world", RowLayout([]), [], exclude=frozenset(r for r, m in enumerate(flags) if m),
+                    drop_dead=drop_dead)
+        return _LLPending(self, plan, exchange, scope_indices, list(range(len(flags))))
+
+    def ll_dispatch(self, op: str, topk_idx: torch.Tensor, num_experts: int, masked: torch.Tensor,
+                    shape: Sequence[int], columns: Sequence[torch.Tensor], layout: RowLayout,
+                    drop_dead: bool) -> tuple[native.LLRoute, _LLPending]:
+        """Start an LL dispatch in the engine: each selection of ``topk_idx`` (int64 ``[tokens,
+        topk]``) sends row ``token`` of ``columns`` and the token index (int32, the layout's last
+        column) to the expert's rank; ranks ``masked`` (bool per rank) are left out. Returns the
+        route (for :meth:`ll_receive` and :meth:`ll_combine`) and the exchange in flight."""
+        keep: list[Any] = []
+        if layout.columns[-1] != WireColumn(torch.int32, 1) or layout.offsets[-1] + 4 != layout.row_bytes:
+            raise ValueError(f"{op}: an LL row ends with its int32 source token")
+        fields = _fields(layout, [*columns, None], native.GATHER)
+        fields[-1] = (0, 0, 0, 0, 0, 1, native.I32, native.I32, native.ROW_INDEX, 0)  # the source token
+        mask = masked.to(torch.uint8).contiguous()
+        topk_idx = topk_idx.to(torch.int64).contiguous()
+        keep += [mask, topk_idx, *columns]
+        npeers = int(len(mask) - int(mask.sum()) + int(mask[self.topology.rank]))
+        route, exchange = self.guarded(op, lambda: native.LLRoute.dispatch(
+            self.engine, op, npeers, topk_idx, num_experts, mask, np.asarray(shape, dtype=np.int32), fields,
+            drop_dead, keep))
+        pending = self._ll_pending(op, masked, drop_dead, exchange)
+        sent = route.send_counts()
+        self.stats.record("world", int(sent.sum() - sent[self.topology.rank]), layout.row_bytes)
+        return route, pending
+
+    def ll_receive(self, route: native.LLRoute, pending: _LLPending, layout: RowLayout,
+                   columns: Sequence[torch.Tensor], slots: int, layout_range: torch.Tensor,
+                   expert_count: torch.Tensor) -> frozenset[int]:
+        """Complete an LL dispatch: once the headers arrived, scatter every row expert-major into
+        ``columns`` (``[local, slots, width]`` views) and write ``layout_range`` and
+        ``expert_count``. Returns the ranks dropped as dead meanwhile."""
+        op = pending.plan.op
+        pending.wait_headers()
+        ignore = np.zeros(self.topology.num_ranks, dtype=np.uint8)
+        dropped = pending.dropped
+        ignore[sorted(pending.plan.exclude | dropped)] = 1
+        fields = _fields(layout, columns, native.SCATTER)
+        try:
+            self.guarded(op, lambda: route.receive(pending.exchange, fields, slots, ignore, layout_range,
+                                                   expert_count, list(columns)))
+        except ValueError as exc:
+            self.abandon(op, f"{op}: {exc}")
+            raise ValueError(f"{op}: {exc}") from None
+        pending.wait()
+        return pending.dropped
+
+    def ll_combine(self, op: str, route: native.LLRoute, expert_out: torch.Tensor, topk_weights: torch.Tensor,
+                   acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool) -> _LLPending:
+        """Start the combine of an LL dispatch received with ``route``: rows of ``expert_out``
+        (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
+        ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`)."""
+        layout = RowLayout([WireColumn(expert_out.dtype, expert_out.size(2))])
+        send_fields = _fields(layout, [expert_out], native.GATHER)
+        acc_fields = _fields(layout, [acc], native.REDUCE)
+        weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+        mask = masked.to(torch.uint8).contiguous()
+        npeers = int(len(mask) - int(mask.sum()) + int(mask[self.topology.rank]))
+        exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights, acc_fields,
+                                                          touched, mask, drop_dead, [expert_out, acc, mask]))
+        return self._ll_pending(op, masked, drop_dead, exchange)
 
     def wait(self, op: str, pending: _RingPending, step: Callable[[float], T | None]) -> T:
         """Run ``step`` (one bounded engine wait) until it returns a result; between steps, fail on

@@ -15,6 +15,7 @@ import importlib
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from ctypes import POINTER, c_char_p, c_double, c_int, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 from typing import Any
@@ -104,7 +105,9 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_exchange_start", c_void_p, c_void_p, c_char_p, c_int, i32p, c_void_p, c_int64, c_int32,
              c_void_p, c_int, c_char_p)
     _declare(so, "pe_exchange_headers", c_int, c_void_p, c_double, i64p, i32p, c_char_p)
+    _declare(so, "pe_exchange_wait_headers", c_int, c_void_p, c_double, c_char_p)
     _declare(so, "pe_exchange_set_recv", c_int, c_void_p, c_void_p, c_char_p)
+    _declare(so, "pe_exchange_push", c_int, c_void_p, c_char_p)
     _declare(so, "pe_exchange_wait", c_int, c_void_p, c_double, c_char_p)
     _declare(so, "pe_exchange_describe", None, c_void_p, i32p, c_char_p, c_size_t)
     _declare(so, "pe_exchange_dropped", None, c_void_p, i32p)
@@ -118,6 +121,15 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_fp8_cast", None, c_void_p, c_int, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int)
     _declare(so, "pe_ll_route", c_int64, c_void_p, c_int64, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p)
     _declare(so, "pe_ll_place", None, c_void_p, c_int, c_int, c_int64, c_void_p, c_void_p, c_void_p)
+    _declare(so, "pe_ll_dispatch", c_void_p, c_void_p, c_char_p, c_void_p, c_int64, c_int, c_int, c_void_p, c_void_p,
+             c_void_p, c_int, c_int, c_char_p)
+    _declare(so, "pe_ll_exchange", c_void_p, c_void_p)
+    _declare(so, "pe_ll_send_counts", None, c_void_p, c_void_p)
+    _declare(so, "pe_ll_dispatch_recv", c_int, c_void_p, c_void_p, c_int, c_int64, c_void_p, c_void_p, c_void_p,
+             i32p, c_char_p)
+    _declare(so, "pe_ll_combine", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_void_p,
+             c_void_p, c_int, c_void_p, c_void_p, c_int, c_char_p)
+    _declare(so, "pe_ll_free", None, c_void_p)
     for name in ("shm", "fabric", "verbs", "efa"):
         if hasattr(so, f"pe_transport_{name}"):
             _declare(so, f"pe_transport_{name}", c_void_p)
@@ -472,6 +484,16 @@ class Exchange:
                                               counts.ctypes.data_as(POINTER(c_int32)), err), err, self.engine.ptr)
         return None if rc else (rows, counts[:, : self.ncounts])
 
+    def headers_arrived(self, wait_s: float) -> bool:
+        """True once every peer's header arrived; False if ``wait_s`` passed first."""
+        err = _err()
+        return _check(lib().pe_exchange_wait_headers(self._x, wait_s, err), err, self.engine.ptr) == 0
+
+    def push(self) -> None:
+        """One pass of progress without waiting: the rows leave as far as credits allow."""
+        err = _err()
+        _check(lib().pe_exchange_push(self._x, err), err, self.engine.ptr)
+
     def set_recv(self, recvs: np.ndarray, keep: list[Any]) -> None:
         err = _err()
         self._keep.extend(keep)
@@ -571,6 +593,64 @@ class Engine:
                 lib().pe_engine_destroy(self._e)
                 self._e = None
                 self._peers.clear()
+
+
+class LLRoute:
+    """An LL dispatch run by the engine (``pe_ll_t``): the routing and the placement of its rows,
+    which its combine reuses. Made by :meth:`dispatch`."""
+
+    def __init__(self, engine: Engine, ptr: int) -> None:
+        self.engine, self._ll = engine, ptr
+        self._free = weakref.finalize(self, lib().pe_ll_free, ptr)
+
+    @classmethod
+    def dispatch(cls, engine: Engine, op: str, npeers: int, topk_idx: Any, num_experts: int, masked: Any,
+                 shape: np.ndarray, fields: np.ndarray, drop_dead: bool, keep: list[Any]) -> tuple[LLRoute, Exchange]:
+        """Route ``topk_idx`` (int64 CPU tensor ``[tokens, topk]``) and send every selection's row
+        (``fields``: gather fields, source row = token) to the ``npeers`` ranks not ``masked`` (uint8
+        tensor per rank, or None); returns the route and the dispatch's exchange."""
+        err = _err()
+        tokens, topk = topk_idx.shape
+        ptr = lib().pe_ll_dispatch(engine.ptr, op.encode(), topk_idx.data_ptr(), tokens, topk, num_experts,
+                                   masked.data_ptr() if masked is not None else None, shape.ctypes.data,
+                                   fields.ctypes.data, fields.size, DROP_DEAD if drop_dead else 0, err)
+        if not ptr:
+            _check(-1, err, engine.ptr)
+        route = cls(engine, ptr)
+        return route, Exchange(engine, lib().pe_ll_exchange(ptr), npeers, 0, [*keep, fields, shape, route])
+
+    def send_counts(self) -> np.ndarray:
+        """Rows sent to each rank (int64 ``[world]``)."""
+        out = np.zeros(self.engine.world, dtype=np.int64)
+        lib().pe_ll_send_counts(self._ll, out.ctypes.data)
+        return out
+
+    def receive(self, exchange: Exchange, fields: np.ndarray, slots: int, ignore: np.ndarray, layout_range: Any,
+                expert_count: Any, keep: list[Any]) -> None:
+        """Once every header arrived: lay the rows out (``fields``: scatter fields over the
+        ``[local * slots]`` output rows) and write ``layout_range`` / ``expert_count``. A peer that
+        called with another shape raises ValueError naming it."""
+        err, bad = _err(), c_int32(-1)
+        rc = lib().pe_ll_dispatch_recv(self._ll, fields.ctypes.data, fields.size, slots, ignore.ctypes.data,
+                                       layout_range.data_ptr(), expert_count.data_ptr(), ctypes.byref(bad), err)
+        if rc == -2:
+            raise ValueError(_text(err))
+        _check(rc, err, self.engine.ptr)
+        exchange._keep.extend([*keep, fields])
+
+    def combine(self, op: str, npeers: int, send_fields: np.ndarray, topk_weights: Any, weights: Any,
+                acc_fields: np.ndarray, touched: Any, masked: Any, drop_dead: bool, keep: list[Any]) -> Exchange:
+        """Start the combine of this (received) dispatch (see ``pe_ll_combine``)."""
+        err = _err()
+        handle = lib().pe_ll_combine(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
+                                     send_fields.size, topk_weights.data_ptr(), weights.data_ptr(),
+                                     acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
+                                     masked.data_ptr() if masked is not None else None, DROP_DEAD if drop_dead else 0,
+                                     err)
+        if not handle:
+            _check(-1, err, self.engine.ptr)
+        return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, topk_weights, weights, touched,
+                                                    self])
 
 
 def cast_f32(dst_ptr: int, dst_type: int, src_ptr: int, count: int) -> None:

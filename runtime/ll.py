@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from portep.backends import CommBackend, PendingRows
+from portep.backends import CommBackend
 from portep.backends.plan import Gather, Plan, Receive, RowLayout, WireColumn
 from portep.memory import POOL
 from portep.native import kernels_for
@@ -100,19 +100,31 @@ class LLDispatch:
         self.token, self.k = _split(token, per_rank), _split(k, per_rank)  # what a combine gets back
         self.recv_rows: list[torch.Tensor] | None = None  # where each source's rows landed
 
-        src_token = torch.arange(x.size(0), dtype=torch.int32, device=x.device).unsqueeze(1)
         if use_fp8:
             x_fp8, scales = kernels.fp8_cast(x, round_scale)
-            columns = [x_fp8, kernels.pack_ue8m0(scales) if use_ue8m0 else scales, src_token]
+            columns = [x_fp8, kernels.pack_ue8m0(scales) if use_ue8m0 else scales]
         else:
-            columns = [x, src_token]
-        self.layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns])
-        self.shape = torch.tensor([num_max_tokens, hidden, num_experts, int(use_fp8)], dtype=torch.int32)
-        header = torch.cat([self.shape.expand(num_ranks, -1), counts.to(torch.int32).cpu()], 1)
+            columns = [x]
+        self.layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns] + [WireColumn(torch.int32, 1)])
+        shape = [num_max_tokens, hidden, num_experts, int(use_fp8)]
         self.exclude = frozenset(masked.nonzero().flatten().tolist())
-        sends = [[Gather(columns, index=idx)] if idx.numel() else [] for idx in self.token]
-        self.pending: PendingRows = comm.start(Plan(op, "world", self.layout, sends, counts=header,
-                                                    exclude=self.exclude, drop_dead=drop_dead))
+        self.route = None  # the engine's, when the backend runs LL itself
+        if comm.native_ll(x.device):
+            self.route, self.pending = comm.ll_dispatch(op, topk_idx, num_experts, self.masked, shape, columns,
+                                                        self.layout, drop_dead)
+            self.send_counts = torch.from_numpy(self.route.send_counts())
+        else:
+            token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
+            self.send_counts = counts.sum(1)
+            per_rank = self.send_counts.tolist()
+            self.token, self.k = _split(token, per_rank), _split(k, per_rank)  # what a combine gets back
+            src_token = torch.arange(x.size(0), dtype=torch.int32, device=x.device).unsqueeze(1)
+            self.shape = torch.tensor(shape, dtype=torch.int32)
+            header = torch.cat([self.shape.expand(num_ranks, -1), counts.to(torch.int32).cpu()], 1)
+            sends = [[Gather([*columns, src_token], index=idx)] if idx.numel() else [] for idx in self.token]
+            self.pending = comm.start(Plan(op, "world", self.layout, sends, counts=header, exclude=self.exclude,
+                                           drop_dead=drop_dead))
+        self.recv_rows: list[torch.Tensor] | None = None  # where each source's rows landed (plans)
 
         slots = num_ranks * num_max_tokens
         scales_out = None
@@ -134,6 +146,9 @@ class LLDispatch:
         if self.done:
             raise RuntimeError(f"{self.op}: the receive hook was already called")
         started = time.perf_counter_ns()
+        if self.route is not None:
+            self._recv_native(started, cumulative_stats, wait_cost_stats)
+            return
         _, header = self.pending.headers()
         dropped = self.pending.dropped
         ignore = self.exclude | dropped
@@ -165,6 +180,25 @@ class LLDispatch:
         self.masked = masked
         self.done = True
 
+    def _recv_native(self, started: int, cumulative_stats: torch.Tensor | None,
+                     wait_cost_stats: torch.Tensor | None) -> None:
+        out = self.out
+        columns = [out.x, out.scales, out.src_info.unsqueeze(2)] if out.scales is not None else \
+            [out.x, out.src_info.unsqueeze(2)]
+        dropped = self.comm.ll_receive(self.route, self.pending, self.layout, columns, out.x.size(1), out.layout_range,
+                                       out.count)
+        waited = time.perf_counter_ns() - started
+        self.pending = None
+        if dropped:
+            self.masked = self.masked.clone()
+            self.masked[sorted(dropped)] = True
+        if cumulative_stats is not None:
+            cumulative_stats += out.count.to(cumulative_stats.dtype)
+        if wait_cost_stats is not None:
+            received = (out.layout_range & 0xFFFFFFFF).sum(0) > 0
+            wait_cost_stats += received.to(wait_cost_stats.dtype) * waited
+        self.done = True
+
 
 class LLCombine:
     """One LL combine: rows go back at construction, :meth:`recv` reduces them (once) — on arrival,
@@ -180,10 +214,21 @@ class LLCombine:
         self.kernels = kernels = kernels_for(expert_out.device)
         masked = masked.to(expert_out.device)
         dispatch = getattr(handle, "dispatch", None)
-        same = dispatch is not None and dispatch.recv_rows is not None and torch.equal(masked, dispatch.masked) and (
+        same = dispatch is not None and dispatch.done and torch.equal(masked, dispatch.masked) and (
             topk_idx is dispatch.topk_idx and topk_idx._version == dispatch.topk_version
             or torch.equal(topk_idx, dispatch.topk_idx))
-        if same:  # the dispatch's routing: which selections come back from where, and which rows go back
+        self.native = same and dispatch.route is not None and not use_logfmt and comm.native_ll(expert_out.device)
+        if self.native:  # the engine reuses the dispatch's routing and placement
+            self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
+            self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
+            sent = dispatch.route.send_counts()
+            self.received = torch.from_numpy(sent > 0) & ~masked
+            self.pending = comm.ll_combine(op, dispatch.route, expert_out, topk_weights, self.acc, self.touched, masked,
+                                           drop_dead)
+            self.done = False
+            return
+        if same and dispatch.recv_rows is not None:
+            # the dispatch's routing: which selections come back from where, and which rows go back
             self.token = dispatch.token
             ks = dispatch.k
             source_rows = dispatch.recv_rows
@@ -238,7 +283,7 @@ class LLCombine:
         started = time.perf_counter_ns()
         self.pending.wait()
         waited = time.perf_counter_ns() - started
-        if self.use_logfmt:  # decoded here, then reduced like the plain rows
+        if not self.native and self.use_logfmt:  # decoded here, then reduced like the plain rows
             dropped = self.pending.dropped
             for rank, (encoded, token, weights) in enumerate(zip(self.encoded, self.token, self.weights, strict=True)):
                 if encoded.size(0) and rank not in dropped:
@@ -250,7 +295,7 @@ class LLCombine:
                                                         self.acc.device)
         finish_sum(self.acc, self.touched, result)
         if wait_cost_stats is not None:
-            received = torch.tensor([t.numel() > 0 for t in self.token], device=wait_cost_stats.device)
-            wait_cost_stats += received.to(wait_cost_stats.dtype) * waited
+            received = self.received if self.native else torch.tensor([t.numel() > 0 for t in self.token])
+            wait_cost_stats += received.to(wait_cost_stats.device, wait_cost_stats.dtype) * waited
         self.done = True
         return result

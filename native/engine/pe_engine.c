@@ -805,8 +805,12 @@ static int wait_for(pe_exchange_t *x, int (*done)(const pe_exchange_t *), double
   }
 }
 
+int pe_exchange_wait_headers(pe_exchange_t *x, double wait_s, char *err) {
+  return headers_done(x) ? 0 : wait_for(x, headers_done, wait_s, err);
+}
+
 int pe_exchange_headers(pe_exchange_t *x, double wait_s, int64_t *rows, int32_t *counts, char *err) {
-  int rc = headers_done(x) ? 0 : wait_for(x, headers_done, wait_s, err);
+  int rc = pe_exchange_wait_headers(x, wait_s, err);
   if (rc == 0) {
     memcpy(rows, x->rows, (size_t)x->npeers * sizeof *rows);
     if (x->ncounts) memcpy(counts, x->counts, (size_t)x->npeers * (size_t)x->ncounts * 4);
@@ -822,6 +826,8 @@ int pe_exchange_set_recv(pe_exchange_t *x, const pe_recv_t *recvs, char *err) {
   if (copy_recvs(x, recvs, err) != 0) return fail(x->e, PE_ERR_USAGE, -1);
   return 0;
 }
+
+int pe_exchange_push(pe_exchange_t *x, char *err) { return progress(x->e, x, err) < 0 ? -1 : 0; }
 
 int pe_exchange_wait(pe_exchange_t *x, double wait_s, char *err) {
   if (x->recvs == NULL) {
@@ -916,6 +922,12 @@ int pe_engine_drain(pe_engine_t *e, const int32_t *skip, double timeout_s) {
       pe_backoff_step(&b);
   }
 }
+
+int pe_engine_rank(const pe_engine_t *e) { return e->rank; }
+
+int pe_engine_world(const pe_engine_t *e) { return e->world; }
+
+int pe_engine_fail(pe_engine_t *e, int kind) { return fail(e, kind, -1); }
 
 int pe_engine_error(pe_engine_t *e, int32_t *culprit) {
   *culprit = e->culprit;

@@ -140,7 +140,12 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
 // Progress until every peer's header has arrived or `wait_s` passed. Returns 0 (then `rows[i]` and
 // `counts[i * ncounts ...]` hold what peers[i] sends; 0 for a dropped peer), 1 (not yet) or -1.
 int pe_exchange_headers(pe_exchange_t *x, double wait_s, int64_t *rows, int32_t *counts, char *err);
+// The same wait, without copying the headers out.
+int pe_exchange_wait_headers(pe_exchange_t *x, double wait_s, char *err);
 int pe_exchange_set_recv(pe_exchange_t *x, const pe_recv_t *recvs, char *err);
+// One pass of progress without waiting: write what credits allow (a send phase leaves with its rows
+// in flight) and consume what landed. 0, or -1 on error.
+int pe_exchange_push(pe_exchange_t *x, char *err);
 // Progress until the exchange completed or `wait_s` passed. Returns 0 (done), 1 (not yet) or -1.
 int pe_exchange_wait(pe_exchange_t *x, double wait_s, char *err);
 // Peers the exchange still waits for (bit 1: to send to, bit 2: to receive from) into `state`
@@ -156,6 +161,10 @@ void pe_engine_drop(pe_engine_t *e, int peer);
 // Progress until every peer but the dropped ones and `skip` (0/1 per rank, may be NULL) has
 // consumed every chunk sent to it, or timeout_s passed. Returns the number of peers still owing.
 int pe_engine_drain(pe_engine_t *e, const int32_t *skip, double timeout_s);
+int pe_engine_rank(const pe_engine_t *e);
+int pe_engine_world(const pe_engine_t *e);
+// Record an error of `kind` found outside the engine's own calls (no rank at fault); returns -1.
+int pe_engine_fail(pe_engine_t *e, int kind);
 // The kind and culprit rank of the last error (-1: none in particular).
 int pe_engine_error(pe_engine_t *e, int32_t *culprit);
 void pe_engine_stats(pe_engine_t *e, pe_engine_stats_t *out);

@@ -3,8 +3,12 @@
 // instead of a handful of sorts and gathers per call.
 #include "pe_ll.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pe_common.h"
+#include "pe_rows.h"
 
 int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_experts, int num_ranks,
                     const uint8_t *masked, int64_t *token, int64_t *k, int32_t *counts) {
@@ -54,4 +58,234 @@ void pe_ll_place(const int64_t *counts, int num_ranks, int local, int64_t slots,
       for (int64_t j = 0; j < n; ++j) positions[at++] = first + j;
     }
   }
+}
+
+// ---------------------------------------------------------------------------- on the engine
+static const char *const SHAPE_NAMES[PE_LL_SHAPE] = {"num_max_dispatch_tokens_per_rank", "hidden", "num_experts",
+                                                     "use_fp8"};
+
+struct pe_ll {
+  pe_engine_t *e;
+  int rank, world, local, topk;
+  int32_t shape[PE_LL_SHAPE];
+  int npeers;
+  int32_t *peers;        // the exchange's ranks (unmasked ones, this rank included)
+  pe_exchange_t *x;      // the dispatch's exchange
+  int64_t *token, *k;    // selections sent, by (rank, local expert, token)
+  int64_t *rank_first;   // [world + 1]: selections of rank r are [rank_first[r], rank_first[r + 1])
+  int32_t *counts;       // [world * local]: selections per expert, then the header counts
+  int64_t *positions;    // rows received, by (source, local expert, token): their output row
+  int64_t *source_first; // [world + 1]
+};
+
+void pe_ll_free(pe_ll_t *ll) {
+  if (ll == NULL) return;
+  free(ll->peers);
+  free(ll->token);
+  free(ll->k);
+  free(ll->rank_first);
+  free(ll->counts);
+  free(ll->positions);
+  free(ll->source_first);
+  free(ll);
+}
+
+pe_exchange_t *pe_ll_exchange(pe_ll_t *ll) { return ll->x; }
+
+void pe_ll_send_counts(const pe_ll_t *ll, int64_t *per_rank) {
+  for (int r = 0; r < ll->world; ++r) per_rank[r] = ll->rank_first[r + 1] - ll->rank_first[r];
+}
+
+// The exchange's ranks: every rank but the masked ones, this one always.
+static int ll_peers(pe_ll_t *ll, const uint8_t *masked) {
+  ll->peers = malloc((size_t)ll->world * sizeof *ll->peers);
+  if (ll->peers == NULL) return -1;
+  ll->npeers = 0;
+  for (int r = 0; r < ll->world; ++r)
+    if (r == ll->rank || masked == NULL || !masked[r]) ll->peers[ll->npeers++] = r;
+  return 0;
+}
+
+pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx, int64_t tokens, int topk,
+                        int num_experts, const uint8_t *masked, const int32_t *shape, const pe_field_t *fields,
+                        int nfields, int flags, char *err) {
+  const int world = pe_engine_world(e);
+  if (num_experts <= 0 || num_experts % world || tokens < 0 || topk <= 0) {
+    pe_err(err, "%s: bad LL shape (%d experts on %d ranks, %lld tokens, top-%d)", op, num_experts, world,
+           (long long)tokens, topk);
+    return NULL;
+  }
+  pe_ll_t *ll = calloc(1, sizeof *ll);
+  if (ll == NULL) goto oom;
+  ll->e = e;
+  ll->rank = pe_engine_rank(e);
+  ll->world = world;
+  ll->local = num_experts / world;
+  ll->topk = topk;
+  memcpy(ll->shape, shape, sizeof ll->shape);
+  const size_t sel = (size_t)(tokens * topk > 0 ? tokens * topk : 1);
+  ll->token = malloc(sel * sizeof *ll->token);
+  ll->k = malloc(sel * sizeof *ll->k);
+  ll->rank_first = calloc((size_t)world + 1, sizeof *ll->rank_first);
+  ll->counts = malloc((size_t)num_experts * sizeof *ll->counts);
+  if (!ll->token || !ll->k || !ll->rank_first || !ll->counts || ll_peers(ll, masked) != 0) goto oom;
+  if (pe_ll_route(topk_idx, tokens, topk, num_experts, world, masked, ll->token, ll->k, ll->counts) < 0) goto oom;
+  for (int r = 0; r < world; ++r) {
+    int64_t n = 0;
+    for (int j = 0; j < ll->local; ++j) n += ll->counts[r * ll->local + j];
+    ll->rank_first[r + 1] = ll->rank_first[r] + n;
+  }
+  // One segment per peer; header counts: the shape, then the rows per local expert.
+  const int ncounts = PE_LL_SHAPE + ll->local;
+  pe_send_t *sends = calloc((size_t)ll->npeers, sizeof *sends);
+  pe_segment_t *segs = calloc((size_t)ll->npeers, sizeof *segs);
+  int32_t *head = malloc((size_t)ll->npeers * (size_t)ncounts * sizeof *head);
+  int64_t row_bytes = pe_fields_wire_bytes(fields, nfields);
+  if (sends == NULL || segs == NULL || head == NULL) {
+    free(sends);
+    free(segs);
+    free(head);
+    goto oom;
+  }
+  for (int i = 0; i < ll->npeers; ++i) {
+    const int r = ll->peers[i];
+    int32_t *h = &head[(int64_t)i * ncounts];
+    memcpy(h, ll->shape, sizeof ll->shape);
+    memcpy(h + PE_LL_SHAPE, &ll->counts[r * ll->local], (size_t)ll->local * sizeof *h);
+    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)fields, .index = (uint64_t)(uintptr_t)(ll->token +
+                             ll->rank_first[r]), .nrows = ll->rank_first[r + 1] - ll->rank_first[r],
+                             .nfields = nfields};
+    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .counts = (uint64_t)(uintptr_t)h,
+                           .nsegments = segs[i].nrows > 0};
+  }
+  ll->x = pe_exchange_start(e, op, ll->npeers, ll->peers, sends, row_bytes, ncounts, NULL, flags, err);
+  free(sends);
+  free(segs);
+  free(head);
+  if (ll->x == NULL || pe_exchange_push(ll->x, err) != 0) {
+    if (ll->x != NULL) pe_exchange_free(ll->x);
+    pe_ll_free(ll);
+    return NULL;
+  }
+  return ll;
+oom:
+  pe_err(err, "%s: out of memory", op);
+  pe_engine_fail(e, PE_ERR_USAGE);
+  pe_ll_free(ll);
+  return NULL;
+}
+
+int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int64_t slots, const uint8_t *ignore,
+                        int64_t *layout_range, int32_t *expert_count, int32_t *bad_rank, char *err) {
+  const int ncounts = PE_LL_SHAPE + ll->local, world = ll->world;
+  int64_t *rows = malloc((size_t)ll->npeers * sizeof *rows);
+  int32_t *head = malloc((size_t)ll->npeers * (size_t)ncounts * sizeof *head);
+  int64_t *counts = calloc((size_t)world * (size_t)ll->local, sizeof *counts);
+  pe_recv_t *recvs = calloc((size_t)ll->npeers, sizeof *recvs);
+  ll->source_first = calloc((size_t)world + 1, sizeof *ll->source_first);
+  int rc = -1;
+  *bad_rank = -1;
+  if (!rows || !head || !counts || !recvs || !ll->source_first) {
+    pe_err(err, "out of memory");
+    pe_engine_fail(ll->e, PE_ERR_USAGE);
+    goto done;
+  }
+  if (pe_exchange_headers(ll->x, 0.0, rows, head, err) != 0) {
+    if (!err[0]) pe_err(err, "the headers of the LL dispatch have not all arrived");
+    pe_engine_fail(ll->e, PE_ERR_USAGE);
+    goto done;
+  }
+  for (int i = 0; i < ll->npeers; ++i) {
+    const int r = ll->peers[i];
+    const int32_t *h = &head[(int64_t)i * ncounts];
+    if (ignore != NULL && ignore[r]) continue;
+    if (memcmp(h, ll->shape, sizeof ll->shape) != 0) {
+      int at = snprintf(err, PE_ERR_LEN, "rank %d called with ", r);
+      const char *sep = "";
+      for (int j = 0; j < PE_LL_SHAPE && at < PE_ERR_LEN; ++j) {
+        if (h[j] == ll->shape[j]) continue;
+        at += snprintf(err + at, (size_t)(PE_ERR_LEN - at), "%s%s=%d (rank %d: %d)", sep, SHAPE_NAMES[j], h[j],
+                       ll->rank, ll->shape[j]);
+        sep = ", ";
+      }
+      if (at < PE_ERR_LEN) snprintf(err + at, (size_t)(PE_ERR_LEN - at), ": every rank must pass the same values");
+      *bad_rank = r;
+      rc = -2;
+      goto done;
+    }
+    for (int j = 0; j < ll->local; ++j) counts[(int64_t)r * ll->local + j] = h[PE_LL_SHAPE + j];
+  }
+  for (int r = 0; r < world; ++r) {
+    int64_t n = 0;
+    for (int j = 0; j < ll->local; ++j) n += counts[(int64_t)r * ll->local + j];
+    ll->source_first[r + 1] = ll->source_first[r] + n;
+  }
+  const int64_t total = ll->source_first[world];
+  ll->positions = malloc((size_t)(total > 0 ? total : 1) * sizeof *ll->positions);
+  if (ll->positions == NULL) {
+    pe_err(err, "out of memory");
+    pe_engine_fail(ll->e, PE_ERR_USAGE);
+    goto done;
+  }
+  pe_ll_place(counts, world, ll->local, slots, ll->positions, layout_range, expert_count);
+  for (int i = 0; i < ll->npeers; ++i) {
+    const int r = ll->peers[i];
+    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)fields, .index = (uint64_t)(uintptr_t)(ll->positions +
+                           ll->source_first[r]), .expect_rows = ll->source_first[r + 1] - ll->source_first[r],
+                           .nfields = nfields};
+  }
+  rc = pe_exchange_set_recv(ll->x, recvs, err);
+  if (rc == 0) rc = pe_exchange_push(ll->x, err);
+done:
+  free(rows);
+  free(head);
+  free(counts);
+  free(recvs);
+  return rc;
+}
+
+pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
+                             const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
+                             uint8_t *touched, const uint8_t *masked, int flags, char *err) {
+  if (ll->positions == NULL) {
+    pe_err(err, "%s: the dispatch's rows have not been received", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    return NULL;
+  }
+  pe_ll_t view = *ll;  // the combine's ranks: today's unmasked ones
+  view.peers = NULL;
+  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
+  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
+  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
+  pe_exchange_t *x = NULL;
+  if (sends == NULL || segs == NULL || recvs == NULL || ll_peers(&view, masked) != 0) {
+    pe_err(err, "%s: out of memory", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    goto done;
+  }
+  const int64_t nsel = ll->rank_first[ll->world];
+  for (int64_t i = 0; i < nsel; ++i) weights[i] = topk_weights[ll->token[i] * ll->topk + ll->k[i]];
+  for (int i = 0; i < view.npeers; ++i) {
+    const int r = view.peers[i];
+    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
+                             .index = (uint64_t)(uintptr_t)(ll->positions + ll->source_first[r]),
+                             .nrows = ll->source_first[r + 1] - ll->source_first[r], .nfields = nsend};
+    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = segs[i].nrows > 0};
+    const int64_t first = ll->rank_first[r];
+    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields, .index = (uint64_t)(uintptr_t)(ll->token + first),
+                           .weights = (uint64_t)(uintptr_t)(weights + first), .touched = (uint64_t)(uintptr_t)touched,
+                           .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc};
+  }
+  x = pe_exchange_start(e, op, view.npeers, view.peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
+                        flags, err);
+  if (x != NULL && pe_exchange_push(x, err) != 0) {
+    pe_exchange_free(x);
+    x = NULL;
+  }
+done:
+  free(view.peers);
+  free(sends);
+  free(segs);
+  free(recvs);
+  return x;
 }

@@ -3,6 +3,8 @@
 
 #include <stdint.h>
 
+#include "pe_engine.h"
+
 // The selections of `topk_idx` ([tokens, topk], -1 for none) an LL dispatch sends, ordered by
 // (destination rank, local expert, token): their token and k into `token` / `k` (tokens * topk
 // entries at most), the count per expert into `counts` ([num_experts], i.e. [ranks, local
@@ -17,3 +19,40 @@ int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_e
 // ([local, ranks]: begin << 32 | count) and the rows per expert (`expert_count`).
 void pe_ll_place(const int64_t *counts, int num_ranks, int local, int64_t slots, int64_t *positions,
                  int64_t *layout_range, int32_t *expert_count);
+
+// ---------------------------------------------------------------------------- on the engine
+// A low-latency dispatch as one engine exchange, and its combine, with the index lists built here
+// instead of by the caller: the routing of the dispatch, and where its rows landed, are kept for
+// the combine.
+
+typedef struct pe_ll pe_ll_t;
+
+#define PE_LL_SHAPE 4  // num_max_dispatch_tokens_per_rank, hidden, num_experts, use_fp8
+
+// Start an LL dispatch among the ranks of `e` but the masked ones (masked[rank], may be NULL; this
+// rank always takes part): route `topk_idx` (see pe_ll_route), and send each rank one message
+// holding, for each of its selections (local expert, then token order), source row `token` of
+// `fields` (PE_GATHER / PE_ROW_INDEX fields). Its header carries `shape` and the rows per local
+// expert. The rows leave before this returns as far as credits allow. NULL on error.
+pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx, int64_t tokens, int topk,
+                        int num_experts, const uint8_t *masked, const int32_t *shape, const pe_field_t *fields,
+                        int nfields, int flags, char *err);
+// The dispatch's exchange (NULL once pe_ll_dispatch_recv completed it and the caller freed it).
+pe_exchange_t *pe_ll_exchange(pe_ll_t *ll);
+// Rows sent to each rank ([world]).
+void pe_ll_send_counts(const pe_ll_t *ll, int64_t *per_rank);
+// Once every header arrived: check that each peer called with this rank's shape (else -2, with the
+// peer in `bad_rank` and the difference in `err`), lay the rows out expert-major (`slots` rows per
+// local expert; rows of ranks with ignore[rank] set count as none), write `layout_range`
+// ([local, world]: begin << 32 | count) and `expert_count` ([local]), and say where the rows go:
+// `fields` (PE_SCATTER fields over the [local * slots] output rows). 0, or -1 on error.
+int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int64_t slots, const uint8_t *ignore,
+                        int64_t *layout_range, int32_t *expert_count, int32_t *bad_rank, char *err);
+// Start the combine of a received dispatch: each source gets back its rows, taken by `send_fields`
+// from the output rows where they landed; the rows from each expert rank are reduced into token
+// rows of `acc_fields` (PE_REDUCE), weighted by topk_weights[token, k] (float32 [tokens, topk],
+// copied into `weights`, one per selection), `touched` as in pe_recv_t. Masked ranks are left out.
+pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
+                             const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
+                             uint8_t *touched, const uint8_t *masked, int flags, char *err);
+void pe_ll_free(pe_ll_t *ll);
