@@ -161,7 +161,7 @@ class _RingStruct(ctypes.Structure):
 _TRANSPORT_STATS = ["puts", "bytes", "signals", "signals_applied", "messages_in", "fragments", "stalls", "reordered",
                     "delayed", "dropped"]
 _PROXY_STATS = ["steps", "descriptors", "posted", "coalesced", "max_queue_depth", "backlog", "idle_polls", "sleeps",
-                "wakeups", "failed_peers"]
+                "wakeups", "failed_peers", "helped_steps"]
 _ENGINE_STATS = ["chunks_written", "chunks_read", "messages_sent", "messages_split", "bytes_direct", "bytes_staged",
                  "bytes_local", "descriptors", "credit_stalls", "sleeps"]
 

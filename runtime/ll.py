@@ -94,11 +94,6 @@ class LLDispatch:
         self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
         self.kernels = kernels = kernels_for(x.device)
         self.topk_idx, self.topk_version = topk_idx, topk_idx._version
-        token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
-        self.send_counts = counts.sum(1)
-        per_rank = self.send_counts.tolist()
-        self.token, self.k = _split(token, per_rank), _split(k, per_rank)  # what a combine gets back
-        self.recv_rows: list[torch.Tensor] | None = None  # where each source's rows landed
 
         if use_fp8:
             x_fp8, scales = kernels.fp8_cast(x, round_scale)

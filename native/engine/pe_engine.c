@@ -720,7 +720,7 @@ static int progress(pe_engine_t *e, pe_exchange_t *x, char *err) {
   for (int pr = 0; pr < e->world; ++pr) pushed |= e->peers[pr].credit_owed != 0;
   if (pushed) {
     flush_credits(e);
-    if (e->proxy) pe_proxy_wake(e->proxy);
+    if (e->proxy) pe_proxy_help(e->proxy);  // post them now rather than wait for the proxy thread
   }
   return moved;
 }
@@ -775,7 +775,7 @@ static int wait_for(pe_exchange_t *x, int (*done)(const pe_exchange_t *), double
     int moved = progress(e, x, err);
     if (moved < 0) return -1;
     if (done(x)) return 0;
-    if (moved) {
+    if (moved || (e->proxy && pe_proxy_help(e->proxy))) {  // nothing of ours to move: move the proxy's
       pe_backoff_reset(&b);
       continue;
     }

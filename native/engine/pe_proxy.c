@@ -454,6 +454,19 @@ void pe_proxy_wake(pe_proxy_t *p) {
   }
 }
 
+uint64_t pe_proxy_help(pe_proxy_t *p) {
+  if (pe_load_acquire_i32(&p->stop) || pthread_mutex_trylock(&p->lock) != 0) {
+    pe_proxy_wake(p);
+    return 0;
+  }
+  const uint64_t work = step(p);
+  const int more = rings_have_work(p) || p->ops->pending(p->transport);
+  p->stats.helped_steps++;
+  pthread_mutex_unlock(&p->lock);
+  if (more) pe_proxy_wake(p);
+  return work;
+}
+
 int pe_proxy_rank_status(pe_proxy_t *p, int ep, int rank, char *err) {
   if (pe_load_acquire_i32(&p->failed)) {
     pe_err(err, "%s", p->error);

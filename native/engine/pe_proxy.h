@@ -28,6 +28,7 @@ typedef struct pe_proxy_stats {
   uint64_t sleeps;           // times the thread blocked waiting for work
   uint64_t wakeups;          // doorbell rings that woke it
   uint64_t failed_peers;     // peers marked failed
+  uint64_t helped_steps;     // steps run by ranks' threads (pe_proxy_help)
   pe_transport_stats_t transport;
 } pe_proxy_stats_t;
 
@@ -53,6 +54,12 @@ int pe_proxy_remove_endpoint(pe_proxy_t *p, int ep, double timeout_s);
 
 // Wake the thread if it sleeps (after pushing descriptors).
 void pe_proxy_wake(pe_proxy_t *p);
+// Run one step of the proxy's loop on the calling thread when no other thread is in it, and wake the
+// proxy thread for what is left (operations in flight, descriptors pushed meanwhile); when another
+// thread is in it, only wake the thread. A rank that just pushed descriptors, or waits for its
+// peers, moves them itself instead of waiting for the proxy thread to be scheduled, as
+// applications drive a UCX worker's progress. Returns the work done (0: none, or not run).
+uint64_t pe_proxy_help(pe_proxy_t *p);
 // 0 while group rank `rank` of endpoint `ep` is reachable; -1 with the transport's error in `err`
 // once it failed.
 int pe_proxy_rank_status(pe_proxy_t *p, int ep, int rank, char *err);
