@@ -162,7 +162,7 @@ def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices:
             keep.append(receive.touched)
             touched = receive.touched.data_ptr()
         recvs[i] = (fields.ctypes.data, _index(receive.index, keep), weights, touched, receive.first,
-                    -1 if rows is None else rows, fields.size, 0)
+                    -1 if rows is None else rows, 0, fields.size, 0)
     return recvs
 
 

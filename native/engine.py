@@ -451,8 +451,8 @@ SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"),
                           ("nfields", "<i4"), ("pad", "<i4")])
 SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
 RECV_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("weights", "<u8"), ("touched", "<u8"), ("first", "<i8"),
-                       ("expect_rows", "<i8"), ("nfields", "<i4"), ("pad", "<i4")])
-assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize) == (48, 40, 24, 56)
+                       ("expect_rows", "<i8"), ("fanout", "<u8"), ("nfields", "<i4"), ("pad", "<i4")])
+assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize) == (48, 40, 24, 64)
 
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)

@@ -518,35 +518,59 @@ static int send_chunk(pe_engine_t *e, int pr) {
 }
 
 // ------------------------------------------------------------------------------ receiving
-static void scatter_bytes(in_msg_t *m, uint64_t a, uint64_t b, const uint8_t *src) {
-  const pe_exchange_t *x = m->x;
-  const uint64_t rb = (uint64_t)x->row_bytes;
-  if (rb == 0) return;
-  const pe_recv_t *r = &x->recvs[m->index];
+// Apply received row `row` (its wire bytes) as `r` says; -1 if a fan-out row names a destination
+// it may not (a key out of range, or past its end).
+static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
+  if (r->fanout) {
+    const pe_fanout_t *f = (const pe_fanout_t *)(uintptr_t)r->fanout;
+    int64_t *cursor = (int64_t *)(uintptr_t)f->cursor;
+    const int64_t *end = (const int64_t *)(uintptr_t)f->end;
+    for (int j = 0; j < f->list_count; ++j) {
+      int32_t key;
+      memcpy(&key, bytes + f->list_offset + 4 * j, sizeof key);
+      if (key < 0) continue;
+      if (key >= f->nkeys || cursor[key] >= end[key]) return -1;
+      pe_scatter_row(fields, r->nfields, cursor[key]++, 1.0f, 0, bytes);
+    }
+    return 0;
+  }
   const int64_t *index = (const int64_t *)(uintptr_t)r->index;
   const float *weights = (const float *)(uintptr_t)r->weights;
   uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
+  const int64_t dst = index ? index[row] : r->first + row;
+  pe_scatter_row(fields, r->nfields, dst, weights ? weights[row] : 1.0f, touched ? !touched[dst] : 0, bytes);
+  if (touched) touched[dst] = 1;
+  return 0;
+}
+
+// Apply the rows in bytes [a, b) of message `m`; -1 (with `err`) if a row was refused.
+static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64_t b, const uint8_t *src,
+                         char *err) {
+  const pe_exchange_t *x = m->x;
+  const uint64_t rb = (uint64_t)x->row_bytes;
+  if (rb == 0) return 0;
+  const pe_recv_t *r = &x->recvs[m->index];
   int64_t row = (int64_t)(a / rb);
   uint64_t off = a % rb;
   while (a < b) {
     uint64_t take = rb - off < b - a ? rb - off : b - a;
-    const int64_t dst = index ? index[row] : r->first + row;
-    const float w = weights ? weights[row] : 1.0f;
     const uint8_t *bytes = src;
     if (off != 0 || take != rb) {  // a row that straddles two chunks: assembled, then applied
       memcpy(m->partial + off, src, take);
       bytes = off + take == rb ? m->partial : NULL;
     }
-    if (bytes != NULL) {
-      pe_scatter_row(fields, r->nfields, dst, w, touched ? !touched[dst] : 0, bytes);
-      if (touched) touched[dst] = 1;
+    if (bytes != NULL && apply_row(r, row, bytes) != 0) {
+      pe_err(err, "%s: row %lld from rank %d names destinations outside what its header announced", x->op,
+             (long long)row, pr);
+      return fail(e, PE_ERR_PROTOCOL, pr);
     }
     src += take;
     a += take;
     row++;
     off = 0;
   }
+  return 0;
 }
 
 static int landed(const pe_engine_t *e, int pr, uint64_t chunk) {
@@ -621,7 +645,8 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
   const uint64_t start = m->received;
   const uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
   uint64_t pos = start < x->header_bytes ? (end < x->header_bytes ? end : x->header_bytes) : start;
-  if (pos < end) scatter_bytes(m, pos - x->header_bytes, end - x->header_bytes, src + (pos - start));
+  if (pos < end && scatter_bytes(e, pr, m, pos - x->header_bytes, end - x->header_bytes, src + (pos - start), err) != 0)
+    return -1;
   m->received = end;
   p->consumed_chunks++;
   e->stats.chunks_read++;
@@ -658,20 +683,17 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
   }
   const pe_send_t *send = &x->sends[i];
   const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)send->segments;
-  const pe_field_t *rfields = (const pe_field_t *)(uintptr_t)r->fields;
-  const int64_t *rindex = (const int64_t *)(uintptr_t)r->index;
-  const float *weights = (const float *)(uintptr_t)r->weights;
-  uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
   int64_t out = 0;
   for (int s = 0; x->row_bytes && s < send->nsegments; ++s) {
     const pe_segment_t *seg = &segs[s];
     const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
     const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
     for (int64_t k = 0; k < seg->nrows; ++k, ++out) {
-      const int64_t dst = rindex ? rindex[out] : r->first + out;
       pe_gather_row(fields, seg->nfields, index ? index[k] : seg->first + k, row);
-      pe_scatter_row(rfields, r->nfields, dst, weights ? weights[out] : 1.0f, touched ? !touched[dst] : 0, row);
-      if (touched) touched[dst] = 1;
+      if (apply_row(r, out, row) != 0) {
+        pe_err(err, "%s: a row rank %d sends to itself names destinations outside its counts", x->op, e->rank);
+        return fail(e, PE_ERR_USAGE, -1);
+      }
     }
   }
   e->stats.bytes_local += (uint64_t)(rows * x->row_bytes);

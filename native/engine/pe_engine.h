@@ -76,7 +76,21 @@ typedef struct pe_send {
   int32_t pad;
 } pe_send_t;
 
-// What to do with the rows from one peer: row i goes to destination row index[i] (or first + i).
+// Rows that each go to several destination rows, named in the row itself (an LL dispatch sends a
+// token once per rank, with the rank's experts it selected): the row's `list_count` int32 at byte
+// `list_offset` are keys in [0, nkeys) or -1; for each key k the row is applied to destination
+// row cursor[k]++, which must stay below end[k].
+typedef struct pe_fanout {
+  int32_t list_offset;
+  int32_t list_count;
+  int32_t nkeys;
+  int32_t pad;
+  uint64_t cursor;  // int64_t * [nkeys]
+  uint64_t end;     // const int64_t * [nkeys]
+} pe_fanout_t;
+
+// What to do with the rows from one peer: row i goes to destination row index[i] (or first + i),
+// or, with `fanout`, to the rows its list names.
 // `touched` (one byte per destination row, shared by every peer that reduces into the same rows)
 // spares the caller from zeroing the accumulators: the first row to reach a destination row is
 // stored (times its weight), later ones are added, and the byte is set.
@@ -87,6 +101,7 @@ typedef struct pe_recv {
   uint64_t touched;     // uint8_t * per destination row, or 0 (the accumulators hold their start values)
   int64_t first;
   int64_t expect_rows;  // the sender must send exactly this many, or -1 (learned from the header)
+  uint64_t fanout;      // const pe_fanout_t *, or 0
   int32_t nfields;
   int32_t pad;
 } pe_recv_t;

@@ -76,6 +76,13 @@ struct pe_ll {
   int32_t *counts;       // [world * local]: selections per expert, then the header counts
   int64_t *positions;    // rows received, by (source, local expert, token): their output row
   int64_t *source_first; // [world + 1]
+  // The wire: each token once per rank it selected experts of, with the list of those experts.
+  int64_t *wire_token;   // tokens sent, by (rank, token)
+  int64_t *wire_first;   // [world + 1]
+  int32_t *lists;        // [world, tokens, topk]: the rank's local expert of each selection, or -1
+  int64_t list_offset;   // where the list starts in a wire row
+  pe_fanout_t *fanout;   // receive side: per peer, where its rows go (cursor / end per local expert)
+  int64_t *cursor, *end;
 };
 
 void pe_ll_free(pe_ll_t *ll) {
@@ -87,6 +94,12 @@ void pe_ll_free(pe_ll_t *ll) {
   free(ll->counts);
   free(ll->positions);
   free(ll->source_first);
+  free(ll->wire_token);
+  free(ll->wire_first);
+  free(ll->lists);
+  free(ll->fanout);
+  free(ll->cursor);
+  free(ll->end);
   free(ll);
 }
 
@@ -135,16 +148,46 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
     for (int j = 0; j < ll->local; ++j) n += ll->counts[r * ll->local + j];
     ll->rank_first[r + 1] = ll->rank_first[r] + n;
   }
-  // One segment per peer; header counts: the shape, then the rows per local expert.
+  // The wire: a token goes once to each rank it selected experts of, followed by the list of them.
+  ll->wire_token = malloc(sel * sizeof *ll->wire_token);
+  ll->wire_first = calloc((size_t)world + 1, sizeof *ll->wire_first);
+  ll->lists = malloc((size_t)world * sel * sizeof *ll->lists);
+  if (!ll->wire_token || !ll->wire_first || !ll->lists) goto oom;
+  memset(ll->lists, 0xff, (size_t)world * sel * sizeof *ll->lists);  // -1: not this rank's
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int j = 0; j < topk; ++j) {
+      const int64_t ex = topk_idx[t * topk + j];
+      if (ex < 0 || ex >= num_experts || (masked && masked[ex / ll->local])) continue;
+      ll->lists[((ex / ll->local) * tokens + t) * topk + j] = (int32_t)(ex % ll->local);
+    }
+  }
+  for (int r = 0; r < world; ++r) {
+    int64_t n = ll->wire_first[r];
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int32_t *list = &ll->lists[((int64_t)r * tokens + t) * topk];
+      for (int j = 0; j < topk; ++j) {
+        if (list[j] >= 0) {
+          ll->wire_token[n++] = t;
+          break;
+        }
+      }
+    }
+    ll->wire_first[r + 1] = n;
+  }
+  // One segment per peer, its fields followed by the list; header counts: the shape, then the
+  // rows per local expert.
   const int ncounts = PE_LL_SHAPE + ll->local;
+  ll->list_offset = pe_fields_wire_bytes(fields, nfields);
+  const int64_t row_bytes = ll->list_offset + 4 * (int64_t)topk;
   pe_send_t *sends = calloc((size_t)ll->npeers, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)ll->npeers, sizeof *segs);
+  pe_field_t *wire_fields = malloc((size_t)ll->npeers * (size_t)(nfields + 1) * sizeof *wire_fields);
   int32_t *head = malloc((size_t)ll->npeers * (size_t)ncounts * sizeof *head);
-  int64_t row_bytes = pe_fields_wire_bytes(fields, nfields);
-  if (sends == NULL || segs == NULL || head == NULL) {
+  if (sends == NULL || segs == NULL || head == NULL || wire_fields == NULL) {
     free(sends);
     free(segs);
     free(head);
+    free(wire_fields);
     goto oom;
   }
   for (int i = 0; i < ll->npeers; ++i) {
@@ -152,9 +195,14 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
     int32_t *h = &head[(int64_t)i * ncounts];
     memcpy(h, ll->shape, sizeof ll->shape);
     memcpy(h + PE_LL_SHAPE, &ll->counts[r * ll->local], (size_t)ll->local * sizeof *h);
-    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)fields, .index = (uint64_t)(uintptr_t)(ll->token +
-                             ll->rank_first[r]), .nrows = ll->rank_first[r + 1] - ll->rank_first[r],
-                             .nfields = nfields};
+    pe_field_t *f = &wire_fields[(int64_t)i * (nfields + 1)];
+    memcpy(f, fields, (size_t)nfields * sizeof *f);
+    f[nfields] = (pe_field_t){.base = (uint64_t)(uintptr_t)&ll->lists[(int64_t)r * tokens * topk],
+                              .row_stride = 4 * (int64_t)topk, .elem_stride = 4, .count = topk, .mem_type = PE_I32,
+                              .wire_type = PE_I32, .kind = PE_GATHER};
+    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)f,
+                             .index = (uint64_t)(uintptr_t)(ll->wire_token + ll->wire_first[r]),
+                             .nrows = ll->wire_first[r + 1] - ll->wire_first[r], .nfields = nfields + 1};
     sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .counts = (uint64_t)(uintptr_t)h,
                            .nsegments = segs[i].nrows > 0};
   }
@@ -162,6 +210,7 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   free(sends);
   free(segs);
   free(head);
+  free(wire_fields);
   if (ll->x == NULL || pe_exchange_push(ll->x, err) != 0) {
     if (ll->x != NULL) pe_exchange_free(ll->x);
     pe_ll_free(ll);
@@ -228,13 +277,37 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
     goto done;
   }
   pe_ll_place(counts, world, ll->local, slots, ll->positions, layout_range, expert_count);
+  // Each peer's rows fan out to its experts' blocks: cursor and end of (expert, source) per peer.
+  const size_t cells = (size_t)ll->npeers * (size_t)ll->local;
+  ll->fanout = calloc((size_t)ll->npeers, sizeof *ll->fanout);
+  ll->cursor = malloc(cells * sizeof *ll->cursor);
+  ll->end = malloc(cells * sizeof *ll->end);
+  pe_field_t *wire_fields = malloc((size_t)(nfields + 1) * sizeof *wire_fields);
+  if (!ll->fanout || !ll->cursor || !ll->end || !wire_fields) {
+    free(wire_fields);
+    pe_err(err, "out of memory");
+    pe_engine_fail(ll->e, PE_ERR_USAGE);
+    goto done;
+  }
+  memcpy(wire_fields, fields, (size_t)nfields * sizeof *wire_fields);
+  wire_fields[nfields] = (pe_field_t){.count = 4 * ll->topk, .mem_type = PE_U8, .wire_type = PE_U8, .kind = PE_SKIP};
   for (int i = 0; i < ll->npeers; ++i) {
     const int r = ll->peers[i];
-    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)fields, .index = (uint64_t)(uintptr_t)(ll->positions +
-                           ll->source_first[r]), .expect_rows = ll->source_first[r + 1] - ll->source_first[r],
-                           .nfields = nfields};
+    int64_t *cursor = &ll->cursor[(int64_t)i * ll->local], *end = &ll->end[(int64_t)i * ll->local];
+    for (int j = 0; j < ll->local; ++j) {
+      const int64_t range = layout_range[(int64_t)j * world + r];
+      cursor[j] = (int64_t)j * slots + (range >> 32);
+      end[j] = cursor[j] + (range & 0xffffffff);
+    }
+    ll->fanout[i] = (pe_fanout_t){.list_offset = (int32_t)pe_fields_wire_bytes(fields, nfields),
+                                  .list_count = ll->topk, .nkeys = ll->local, .cursor = (uint64_t)(uintptr_t)cursor,
+                                  .end = (uint64_t)(uintptr_t)end};
+    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)wire_fields, .expect_rows = -1,
+                           .fanout = (uint64_t)(uintptr_t)&ll->fanout[i], .nfields = nfields + 1};
+    if (ignore != NULL && ignore[r]) recvs[i].expect_rows = 0;  // masked or dropped: no rows
   }
   rc = pe_exchange_set_recv(ll->x, recvs, err);
+  free(wire_fields);
   if (rc == 0) rc = pe_exchange_push(ll->x, err);
 done:
   free(rows);
