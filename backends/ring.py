@@ -299,6 +299,8 @@ class RingBackend(CommBackend):
         super().__init__(topology)
         self.group, self.timeout_s = group, timeout_s
         self.failed: str | None = None
+        self._ll_scopes: dict[tuple[bool, ...], tuple[torch.Tensor, int, list[int], frozenset[int]]] = {}
+        self._field_cache: dict[tuple, np.ndarray] = {}
         self.session = session_for(group)
         self.prefix = self.session.new_prefix()
         self._last_failure_poll = 0.0
@@ -378,13 +380,35 @@ class RingBackend(CommBackend):
     def native_ll(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
+    def _ll_scope(self, masked: torch.Tensor) -> tuple[torch.Tensor, int, list[int], frozenset[int]]:
+        """For a mask of ranks (bool per rank): the uint8 mask, the exchange's size, its ranks (the
+        unmasked ones and this one) and the masked ranks; kept, as masks rarely change."""
+        key = tuple(masked.tolist())
+        scope = self._ll_scopes.get(key)
+        if scope is None:
+            me = self.topology.rank
+            ranks = [r for r, m in enumerate(key) if not m or r == me]
+            masked_ranks = frozenset(r for r, m in enumerate(key) if m)
+            scope = (torch.tensor(key, dtype=torch.uint8), len(ranks), ranks, masked_ranks)
+            self._ll_scopes[key] = scope
+        return scope
+
+    def _ll_fields(self, layout: RowLayout, columns: Sequence[torch.Tensor | None], kind: int) -> np.ndarray:
+        """:func:`_fields`, kept by the columns' addresses and shapes: an LL call's tensors come from
+        the pool and usually sit where the last call's did. (The array holds no tensor.)"""
+        key = (kind, layout.columns, tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride())
+                                           for t in columns))
+        fields = self._field_cache.get(key)
+        if fields is None:
+            if len(self._field_cache) > 64:
+                self._field_cache.clear()
+            fields = self._field_cache[key] = _fields(layout, columns, kind)
+        return fields
+
     def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _LLPending:
-        me = self.topology.rank
-        flags = masked.tolist()
-        scope_indices = [r for r, m in enumerate(flags) if not m or r == me]
-        plan = Plan(op, "world", RowLayout([]), [], exclude=frozenset(r for r, m in enumerate(flags) if m),
-                    drop_dead=drop_dead)
-        return _LLPending(self, plan, exchange, scope_indices, list(range(len(flags))))
+        _, _, ranks, exclude = self._ll_scope(masked)
+        plan = Plan(op, "world", RowLayout([]), [], exclude=exclude, drop_dead=drop_dead)
+        return _LLPending(self, plan, exchange, ranks, list(range(self.topology.num_ranks)))
 
     def ll_dispatch(self, op: str, topk_idx: torch.Tensor, num_experts: int, masked: torch.Tensor,
                     shape: Sequence[int], columns: Sequence[torch.Tensor], layout: RowLayout,
@@ -396,12 +420,12 @@ class RingBackend(CommBackend):
         keep: list[Any] = []
         if layout.columns[-1] != WireColumn(torch.int32, 1) or layout.offsets[-1] + 4 != layout.row_bytes:
             raise ValueError(f"{op}: an LL row ends with its int32 source token")
-        fields = _fields(layout, [*columns, None], native.GATHER)
-        fields[-1] = (0, 0, 0, 0, 0, 1, native.I32, native.I32, native.ROW_INDEX, 0)  # the source token
-        mask = masked.to(torch.uint8).contiguous()
-        topk_idx = topk_idx.to(torch.int64).contiguous()
+        fields = self._ll_fields(layout, [*columns, None], native.GATHER)
+        if fields[-1]["kind"] != native.ROW_INDEX:
+            fields[-1] = (0, 0, 0, 0, 0, 1, native.I32, native.I32, native.ROW_INDEX, 0)  # the source token
+        mask, npeers, _, _ = self._ll_scope(masked)
+        topk_idx = topk_idx.contiguous()
         keep += [mask, topk_idx, *columns]
-        npeers = int(len(mask) - int(mask.sum()) + int(mask[self.topology.rank]))
         route, exchange = self.guarded(op, lambda: native.LLRoute.dispatch(
             self.engine, op, npeers, topk_idx, num_experts, mask, np.asarray(shape, dtype=np.int32), fields,
             drop_dead, keep))
@@ -421,7 +445,7 @@ class RingBackend(CommBackend):
         ignore = np.zeros(self.topology.num_ranks, dtype=np.uint8)
         dropped = pending.dropped
         ignore[sorted(pending.plan.exclude | dropped)] = 1
-        fields = _fields(layout, columns, native.SCATTER)
+        fields = self._ll_fields(layout, columns, native.SCATTER)
         try:
             self.guarded(op, lambda: route.receive(pending.exchange, fields, slots, ignore, layout_range,
                                                    expert_count, list(columns)))
@@ -437,12 +461,11 @@ class RingBackend(CommBackend):
         (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
         ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`)."""
         layout = RowLayout([WireColumn(expert_out.dtype, expert_out.size(2))])
-        send_fields = _fields(layout, [expert_out], native.GATHER)
-        acc_fields = _fields(layout, [acc], native.REDUCE)
+        send_fields = self._ll_fields(layout, [expert_out], native.GATHER)
+        acc_fields = self._ll_fields(layout, [acc], native.REDUCE)
         weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
         topk_weights = topk_weights.to(torch.float32).contiguous()
-        mask = masked.to(torch.uint8).contiguous()
-        npeers = int(len(mask) - int(mask.sum()) + int(mask[self.topology.rank]))
+        mask, npeers, _, _ = self._ll_scope(masked)
         exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights, acc_fields,
                                                           touched, mask, drop_dead, [expert_out, acc, mask]))
         return self._ll_pending(op, masked, drop_dead, exchange)

@@ -351,6 +351,13 @@ def finish_sum(acc: torch.Tensor, touched: torch.Tensor | None, out: torch.Tenso
                biases: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """``out = acc + sum(biases)`` in ``out``'s dtype, where ``acc`` is a float32 `[N, W]` sum whose
     rows with ``touched == 0`` were never written (they count as zeros). ``acc`` is overwritten."""
+    fast = acc.is_cpu and out.is_cpu and acc.is_contiguous() and out.is_contiguous() and out.dtype in _CAST_TYPES
+    if fast and touched is not None and not biases and acc.dim() == 2 and touched.is_contiguous():
+        from .engine import finish_rows
+
+        finish_rows(out.data_ptr(), _CAST_TYPES[out.dtype], acc.data_ptr(), touched.data_ptr(), acc.size(0),
+                    acc.size(1))
+        return out
     if touched is not None:
         untouched = (touched == 0).nonzero().flatten()
         if untouched.numel():

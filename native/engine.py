@@ -118,6 +118,7 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_engine_stats", None, c_void_p, c_void_p)
     _declare(so, "pe_engine_destroy", None, c_void_p)
     _declare(so, "pe_cast_f32", None, c_void_p, c_int, c_void_p, c_int64)
+    _declare(so, "pe_finish_rows", None, c_void_p, c_int, c_void_p, c_void_p, c_int64, c_int64)
     _declare(so, "pe_fp8_cast", None, c_void_p, c_int, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int)
     _declare(so, "pe_ll_route", c_int64, c_void_p, c_int64, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p)
     _declare(so, "pe_ll_place", None, c_void_p, c_int, c_int, c_int64, c_void_p, c_void_p, c_void_p)
@@ -602,6 +603,7 @@ class LLRoute:
     def __init__(self, engine: Engine, ptr: int) -> None:
         self.engine, self._ll = engine, ptr
         self._free = weakref.finalize(self, lib().pe_ll_free, ptr)
+        self._send_counts: np.ndarray | None = None
 
     @classmethod
     def dispatch(cls, engine: Engine, op: str, npeers: int, topk_idx: Any, num_experts: int, masked: Any,
@@ -620,10 +622,11 @@ class LLRoute:
         return route, Exchange(engine, lib().pe_ll_exchange(ptr), npeers, 0, [*keep, fields, shape, route])
 
     def send_counts(self) -> np.ndarray:
-        """Rows sent to each rank (int64 ``[world]``)."""
-        out = np.zeros(self.engine.world, dtype=np.int64)
-        lib().pe_ll_send_counts(self._ll, out.ctypes.data)
-        return out
+        """Selections sent to each rank (int64 ``[world]``; do not modify)."""
+        if self._send_counts is None:
+            self._send_counts = np.zeros(self.engine.world, dtype=np.int64)
+            lib().pe_ll_send_counts(self._ll, self._send_counts.ctypes.data)
+        return self._send_counts
 
     def receive(self, exchange: Exchange, fields: np.ndarray, slots: int, ignore: np.ndarray, layout_range: Any,
                 expert_count: Any, keep: list[Any]) -> None:
@@ -656,6 +659,11 @@ class LLRoute:
 def cast_f32(dst_ptr: int, dst_type: int, src_ptr: int, count: int) -> None:
     """``count`` float32 values at ``src_ptr`` to ``dst_type`` at ``dst_ptr`` (the end of a combine)."""
     lib().pe_cast_f32(dst_ptr, dst_type, src_ptr, count)
+
+
+def finish_rows(dst_ptr: int, dst_type: int, acc_ptr: int, touched_ptr: int, rows: int, width: int) -> None:
+    """float32 sums to ``dst_type``, zeros for the rows not touched (see ``pe_finish_rows``)."""
+    lib().pe_finish_rows(dst_ptr, dst_type, acc_ptr, touched_ptr, rows, width)
 
 
 def fp8_cast(x_ptr: int, x_type: int, rows: int, hidden: int, row_stride: int, out_ptr: int, scales_ptr: int,

@@ -109,6 +109,8 @@ class Buffer:
         self._rdma_buffer = torch.zeros(num_rdma_bytes, dtype=torch.uint8, device=self.device)
         self._ll_half = 0
         self._mask = torch.zeros(self.group_size, dtype=torch.int32)
+        self._masked_cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # (mask, what _masked returns)
+        self._ll_layouts: dict[tuple[int, int, int], LowLatencyLayout] = {}
         self._last_layout: _Versions | None = None  # what get_dispatch_layout returned last
         self._destroyed = False
 
@@ -409,6 +411,10 @@ class Buffer:
                    num_experts: int) -> LowLatencyLayout:
         if not self.low_latency_mode:
             raise ValueError(f"{op}: this Buffer was created with low_latency_mode=False")
+        key = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        layout = self._ll_layouts.get(key)
+        if layout is not None:
+            return layout
         layout = LowLatencyLayout(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
         needed = low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
         if self.num_rdma_bytes < needed:
@@ -416,6 +422,7 @@ class Buffer:
                 f"{op}: num_rdma_bytes={self.num_rdma_bytes} is too small for num_max_dispatch_tokens_per_rank="
                 f"{num_max_dispatch_tokens_per_rank}, hidden={hidden}, num_experts={num_experts}: "
                 f"need {needed} (Buffer.get_low_latency_rdma_size_hint)")
+        self._ll_layouts[key] = layout
         return layout
 
     def _masked(self) -> torch.Tensor:
@@ -425,8 +432,11 @@ class Buffer:
         if self.enable_shrink:
             for rank in self._backend.dead_ranks():
                 self._mask[rank] = 1
-        masked = self._mask > 0
-        return torch.ones_like(masked) if masked[self.rank] else masked
+        state = tuple(self._mask.tolist())
+        if self._masked_cache is None or self._masked_cache[0] != state:
+            masked = self._mask > 0
+            self._masked_cache = (state, torch.ones_like(masked) if masked[self.rank] else masked)
+        return self._masked_cache[1]
 
     def _flip_half(self) -> None:
         self._ll_half ^= 1

@@ -102,13 +102,13 @@ class LLDispatch:
             columns = [x]
         self.layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns] + [WireColumn(torch.int32, 1)])
         shape = [num_max_tokens, hidden, num_experts, int(use_fp8)]
-        self.exclude = frozenset(masked.nonzero().flatten().tolist())
         self.route = None  # the engine's, when the backend runs LL itself
         if comm.native_ll(x.device):
             self.route, self.pending = comm.ll_dispatch(op, topk_idx, num_experts, self.masked, shape, columns,
                                                         self.layout, drop_dead)
             self.send_counts = torch.from_numpy(self.route.send_counts())
         else:
+            self.exclude = frozenset(masked.nonzero().flatten().tolist())
             token, k, counts = kernels.ll_send_order(topk_idx, num_experts, num_ranks, self.masked)
             self.send_counts = counts.sum(1)
             per_rank = self.send_counts.tolist()

@@ -51,7 +51,7 @@ def check_topk_idx(op: str, topk_idx: object, num_experts: int, num_tokens: int 
     if topk_idx.size(1) > MAX_TOPK:
         raise ValueError(f"{op}: topk_idx has {topk_idx.size(1)} columns, at most {MAX_TOPK} are supported")
     if topk_idx.numel():
-        low, high = int(topk_idx.min()), int(topk_idx.max())
+        low, high = (int(v) for v in torch.aminmax(topk_idx))
         if low < -1 or high >= num_experts:
             raise ValueError(
                 f"{op}: topk_idx entries must be in [-1, {num_experts}) (num_experts={num_experts}), "

@@ -159,6 +159,17 @@ void pe_cast_f32(void *dst, int dst_type, const float *src, int64_t n) {
     memmove(dst, src, (size_t)n * sizeof(float));
 }
 
+void pe_finish_rows(void *dst, int dst_type, const float *acc, const uint8_t *touched, int64_t rows, int64_t width) {
+  const size_t size = (size_t)pe_type_size(dst_type);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t *out = (uint8_t *)dst + (size_t)(r * width) * size;
+    if (touched[r])
+      pe_cast_f32(out, dst_type, acc + r * width, width);
+    else
+      memset(out, 0, (size_t)width * size);  // all-zero bits are 0.0 in every float type
+  }
+}
+
 static void strided_copy(uint8_t *dst, int64_t dst_stride, const uint8_t *src, int64_t src_stride, int count,
                          int size) {
   for (int j = 0; j < count; ++j) memcpy(dst + j * dst_stride, src + j * src_stride, (size_t)size);

@@ -18,6 +18,10 @@ void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t
 void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
                     const uint8_t *src);
 
+// The end of a sum of `rows` rows of `width`: dst row r = acc row r where touched[r], else zeros
+// (a row no copy reached), in dst_type (BF16, F16 or F32).
+void pe_finish_rows(void *dst, int dst_type, const float *acc, const uint8_t *touched, int64_t rows, int64_t width);
+
 // Per-token, per-128-channel cast to e4m3 (x: `rows` rows of `hidden` elements of `type`, rows
 // `row_stride` bytes apart): out = e4m3(x * scale) with scale = (1 / amax) * 448 (amax clamped to 1e-4),
 // scales = 1 / scale (a power of two with `round_scale`), exactly as portep.native.cpu.fp8_cast.
