@@ -103,9 +103,26 @@ def _index(index: torch.Tensor | None, keep: list[Any]) -> int:
     return index.data_ptr()
 
 
+_FIELD_ARRAYS: dict[tuple, np.ndarray] = {}  # field arrays by what they describe (addresses, no tensor)
+
+
+def cached_fields(layout: RowLayout, columns: Sequence[torch.Tensor | None], kind: int) -> np.ndarray:
+    """:func:`_fields`, kept by the columns' addresses, types, shapes and strides: the tensors of
+    an exchange mostly come from the pool or the caller's steady buffers and sit where the last
+    call's did. Treat the array as read-only."""
+    key = (kind, layout.columns, tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride())
+                                       for t in columns))
+    fields = _FIELD_ARRAYS.get(key)
+    if fields is None:
+        if len(_FIELD_ARRAYS) > 256:
+            _FIELD_ARRAYS.clear()
+        fields = _FIELD_ARRAYS[key] = _fields(layout, columns, kind)
+    return fields
+
+
 class _FieldCache:
     """Field arrays by the identity of their column sequence: the segments of one exchange usually
-    share their columns (every peer's rows come from the same tensors), so each is built once."""
+    share their columns (every peer's rows come from the same tensors), so each is looked up once."""
 
     def __init__(self, layout: RowLayout, kind: int, keep: list[Any]) -> None:
         self.layout, self.kind, self.keep = layout, kind, keep
@@ -114,7 +131,7 @@ class _FieldCache:
     def __call__(self, columns: Sequence[torch.Tensor | None]) -> np.ndarray:
         key = id(columns)
         if key not in self.arrays:
-            self.arrays[key] = _fields(self.layout, columns, self.kind)
+            self.arrays[key] = cached_fields(self.layout, columns, self.kind)
             self.keep.extend((columns, self.arrays[key]))  # the id stays unique while both live
         return self.arrays[key]
 
@@ -300,7 +317,6 @@ class RingBackend(CommBackend):
         self.group, self.timeout_s = group, timeout_s
         self.failed: str | None = None
         self._ll_scopes: dict[tuple[bool, ...], tuple[torch.Tensor, int, list[int], frozenset[int]]] = {}
-        self._field_cache: dict[tuple, np.ndarray] = {}
         self.session = session_for(group)
         self.prefix = self.session.new_prefix()
         self._last_failure_poll = 0.0
@@ -374,6 +390,7 @@ class RingBackend(CommBackend):
         peers = np.array([scope_ranks[i] for i in scope_indices], dtype=np.int32)
         exchange = self.guarded(plan.op, lambda: self.engine.start(
             plan.op, peers, sends, plan.layout.row_bytes, plan.num_counts, recvs, plan.drop_dead, keep))
+        self.guarded(plan.op, exchange.push)  # the send phase leaves with its rows in flight
         return _RingPending(self, plan, exchange, scope_indices, scope_ranks)
 
     # ------------------------------------------------------------------ LL, run by the engine
@@ -393,18 +410,6 @@ class RingBackend(CommBackend):
             self._ll_scopes[key] = scope
         return scope
 
-    def _ll_fields(self, layout: RowLayout, columns: Sequence[torch.Tensor | None], kind: int) -> np.ndarray:
-        """:func:`_fields`, kept by the columns' addresses and shapes: an LL call's tensors come from
-        the pool and usually sit where the last call's did. (The array holds no tensor.)"""
-        key = (kind, layout.columns, tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride())
-                                           for t in columns))
-        fields = self._field_cache.get(key)
-        if fields is None:
-            if len(self._field_cache) > 64:
-                self._field_cache.clear()
-            fields = self._field_cache[key] = _fields(layout, columns, kind)
-        return fields
-
     def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _LLPending:
         _, _, ranks, exclude = self._ll_scope(masked)
         plan = Plan(op, "world", RowLayout([]), [], exclude=exclude, drop_dead=drop_dead)
@@ -420,9 +425,9 @@ class RingBackend(CommBackend):
         keep: list[Any] = []
         if layout.columns[-1] != WireColumn(torch.int32, 1) or layout.offsets[-1] + 4 != layout.row_bytes:
             raise ValueError(f"{op}: an LL row ends with its int32 source token")
-        fields = self._ll_fields(layout, [*columns, None], native.GATHER)
-        if fields[-1]["kind"] != native.ROW_INDEX:
-            fields[-1] = (0, 0, 0, 0, 0, 1, native.I32, native.I32, native.ROW_INDEX, 0)  # the source token
+        fields = cached_fields(layout, [*columns, None], native.GATHER)
+        fields = fields.copy()
+        fields[-1] = (0, 0, 0, 0, 0, 1, native.I32, native.I32, native.ROW_INDEX, 0)  # the source token
         mask, npeers, _, _ = self._ll_scope(masked)
         topk_idx = topk_idx.contiguous()
         keep += [mask, topk_idx, *columns]
@@ -445,7 +450,7 @@ class RingBackend(CommBackend):
         ignore = np.zeros(self.topology.num_ranks, dtype=np.uint8)
         dropped = pending.dropped
         ignore[sorted(pending.plan.exclude | dropped)] = 1
-        fields = self._ll_fields(layout, columns, native.SCATTER)
+        fields = cached_fields(layout, columns, native.SCATTER)
         try:
             self.guarded(op, lambda: route.receive(pending.exchange, fields, slots, ignore, layout_range,
                                                    expert_count, list(columns)))
@@ -461,8 +466,8 @@ class RingBackend(CommBackend):
         (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
         ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`)."""
         layout = RowLayout([WireColumn(expert_out.dtype, expert_out.size(2))])
-        send_fields = self._ll_fields(layout, [expert_out], native.GATHER)
-        acc_fields = self._ll_fields(layout, [acc], native.REDUCE)
+        send_fields = cached_fields(layout, [expert_out], native.GATHER)
+        acc_fields = cached_fields(layout, [acc], native.REDUCE)
         weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
         topk_weights = topk_weights.to(torch.float32).contiguous()
         mask, npeers, _, _ = self._ll_scope(masked)

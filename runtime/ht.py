@@ -137,9 +137,11 @@ def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor
     bounds = torch.tensor(hop_first[1:], dtype=torch.int64, device=payload.x.device)
     node_sends: list[list[torch.Tensor]] = []
     for j in range(per_node):
+        # Forwarded rows are in landing order, which groups them by source node: cut at the bounds.
         forwarded = fwd_index[j]
-        block = torch.bucketize(forwarded, bounds, right=True) if forwarded is not None else None
-        node_sends.append([own_index[j] if n == me else forwarded[block == n] for n in range(nodes)])
+        blocks = list(torch.tensor_split(forwarded, torch.searchsorted(forwarded, bounds).tolist())) \
+            if forwarded is not None else None
+        node_sends.append([own_index[j] if n == me else blocks[n] for n in range(nodes)])
     counts = torch.tensor([[idx.numel() for idx in segs] for segs in node_sends], dtype=torch.int32)
     wire = _wire(columns)
     sends = [[Gather(columns if n == me else hop, index=idx) for n, idx in enumerate(segs) if idx.numel()]
@@ -152,16 +154,11 @@ def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor
     num_recv = int(per_source.sum())
     device = payload.x.device
     out = [POOL.empty((num_recv, t.size(1)), t.dtype, device) for t in columns]
-    positions = []
-    for j in range(per_node):
-        starts = base.view(nodes, per_node)[:, j]
-        lengths = node_recv[j]
-        if int(lengths.sum()):
-            offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
-                                                                                  lengths)
-            positions.append((torch.repeat_interleave(starts, lengths) + offsets).to(device))
-        else:
-            positions.append(torch.empty(0, dtype=torch.int64, device=device))
+    # Rows from local rank j arrive by source node n; those of source rank (n, j) go to its block.
+    starts, lengths = base.view(nodes, per_node).t().reshape(-1), node_recv.reshape(-1)
+    block_first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    flat = (block_first + torch.arange(int(lengths.sum()))).to(device)
+    positions = list(torch.split(flat, node_recv.sum(1).tolist()))
     pending.receive([Receive(out, index=pos) for pos in positions])
     pending.wait()
     maps = dict(net_index=net_index, hop_first=hop_first, hop_rows=hop_rows, node_sends=node_sends,
