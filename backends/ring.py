@@ -122,34 +122,45 @@ def cached_fields(layout: RowLayout, columns: Sequence[torch.Tensor | None], kin
 
 class _FieldCache:
     """Field arrays by the identity of their column sequence: the segments of one exchange usually
-    share their columns (every peer's rows come from the same tensors), so each is looked up once."""
+    share their columns (every peer's rows come from the same tensors), so each is looked up once.
+    Returns (address, number of fields)."""
 
     def __init__(self, layout: RowLayout, kind: int, keep: list[Any]) -> None:
         self.layout, self.kind, self.keep = layout, kind, keep
-        self.arrays: dict[int, np.ndarray] = {}
+        self.arrays: dict[int, tuple[int, int]] = {}
 
-    def __call__(self, columns: Sequence[torch.Tensor | None]) -> np.ndarray:
+    def __call__(self, columns: Sequence[torch.Tensor | None]) -> tuple[int, int]:
         key = id(columns)
-        if key not in self.arrays:
-            self.arrays[key] = cached_fields(self.layout, columns, self.kind)
-            self.keep.extend((columns, self.arrays[key]))  # the id stays unique while both live
-        return self.arrays[key]
+        found = self.arrays.get(key)
+        if found is None:
+            fields = cached_fields(self.layout, columns, self.kind)
+            found = self.arrays[key] = (fields.ctypes.data, fields.size)
+            self.keep.extend((columns, fields))  # the id stays unique while both live
+        return found
 
 
 def _sends(plan: Plan, scope_indices: list[int], keep: list[Any]) -> np.ndarray:
     sends = np.zeros(len(scope_indices), dtype=native.SEND_DTYPE)
-    counts = None if plan.counts is None else plan.counts.to(torch.int32).contiguous()
-    keep.append(counts)
+    counts_at = counts_row = 0
+    if plan.counts is not None:
+        counts = plan.counts.to(torch.int32).contiguous()
+        keep.append(counts)
+        counts_at, counts_row = counts.data_ptr(), counts.stride(0) * 4
     fields_of = _FieldCache(plan.layout, native.GATHER, keep)
-    for i, p in enumerate(scope_indices):
-        gathers = [g for g in plan.sends[p] if g.rows]
-        segments = np.zeros(len(gathers), dtype=native.SEGMENT_DTYPE)
-        for s, gather in enumerate(gathers):
-            fields = fields_of(gather.columns)
-            segments[s] = (fields.ctypes.data, _index(gather.index, keep), gather.first, gather.rows, fields.size, 0)
-        keep.append(segments)
-        sends[i] = (segments.ctypes.data if gathers else 0, counts[p].data_ptr() if counts is not None else 0,
-                    len(gathers), 0)
+    per_peer = [[g for g in plan.sends[p] if g.rows] for p in scope_indices]
+    rows = []
+    for gathers in per_peer:
+        for gather in gathers:
+            fields, nfields = fields_of(gather.columns)
+            rows.append((fields, _index(gather.index, keep), gather.first, gather.rows, nfields, 0))
+    segments = np.array(rows, dtype=native.SEGMENT_DTYPE) if rows else np.zeros(1, dtype=native.SEGMENT_DTYPE)
+    keep.append(segments)
+    at, size = segments.ctypes.data, native.SEGMENT_DTYPE.itemsize
+    entries = []
+    for p, gathers in zip(scope_indices, per_peer, strict=True):
+        entries.append((at if gathers else 0, counts_at + p * counts_row if counts_at else 0, len(gathers), 0))
+        at += len(gathers) * size
+    sends[:] = entries
     return sends
 
 
@@ -158,16 +169,16 @@ def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices:
     """The engine's receive specs. Every spec that writes rows has an exact row count (the index's
     length, or the header's), so a peer that sends more than expected fails instead of writing past
     the destination."""
-    recvs = np.zeros(len(scope_indices), dtype=native.RECV_DTYPE)
     fields_of = {kind: _FieldCache(layout, kind, keep) for kind in (native.SCATTER, native.REDUCE)}
     skip = [None] * len(layout.columns)
-    for i, p in enumerate(scope_indices):
+    entries = []
+    for p in scope_indices:
         receive = receives[p] or Receive(skip)
         rows = receive.rows if receive.rows is not None else receive.index.numel() if receive.index is not None \
             else known[p] if known is not None else None
         if rows is None and any(c is not None for c in receive.columns):
             raise ValueError("a receive without an index needs its row count (or the headers first)")
-        fields = fields_of[native.REDUCE if receive.reduce else native.SCATTER](receive.columns)
+        fields, nfields = fields_of[native.REDUCE if receive.reduce else native.SCATTER](receive.columns)
         weights = touched = 0
         if receive.weights is not None:
             w = receive.weights.to(torch.float32).contiguous()
@@ -178,9 +189,9 @@ def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices:
                 raise ValueError("Receive.touched must be a contiguous uint8 tensor")
             keep.append(receive.touched)
             touched = receive.touched.data_ptr()
-        recvs[i] = (fields.ctypes.data, _index(receive.index, keep), weights, touched, receive.first,
-                    -1 if rows is None else rows, 0, fields.size, 0)
-    return recvs
+        entries.append((fields, _index(receive.index, keep), weights, touched, receive.first,
+                        -1 if rows is None else rows, 0, nfields, 0))
+    return np.array(entries, dtype=native.RECV_DTYPE)
 
 
 def _on_device(plan: Plan) -> torch.device | None:
