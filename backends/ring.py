@@ -446,8 +446,8 @@ class RingBackend(CommBackend):
             self.engine, op, npeers, topk_idx, num_experts, mask, np.asarray(shape, dtype=np.int32), fields,
             drop_dead, keep))
         pending = self._ll_pending(op, masked, drop_dead, exchange)
-        sent = route.send_counts()
-        self.stats.record("world", int(sent.sum() - sent[self.topology.rank]), layout.row_bytes)
+        wire = route.wire_rows()  # each row followed by its list of experts (int32 per top-k slot)
+        self.stats.record("world", int(wire.sum() - wire[self.topology.rank]), layout.row_bytes + 4 * topk_idx.size(1))
         return route, pending
 
     def ll_receive(self, route: native.LLRoute, pending: _LLPending, layout: RowLayout,

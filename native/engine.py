@@ -126,6 +126,7 @@ def lib() -> ctypes.CDLL:
              c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ll_exchange", c_void_p, c_void_p)
     _declare(so, "pe_ll_send_counts", None, c_void_p, c_void_p)
+    _declare(so, "pe_ll_wire_rows", None, c_void_p, c_void_p)
     _declare(so, "pe_ll_dispatch_recv", c_int, c_void_p, c_void_p, c_int, c_int64, c_void_p, c_void_p, c_void_p,
              i32p, c_char_p)
     _declare(so, "pe_ll_combine", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_void_p,
@@ -627,6 +628,12 @@ class LLRoute:
             self._send_counts = np.zeros(self.engine.world, dtype=np.int64)
             lib().pe_ll_send_counts(self._ll, self._send_counts.ctypes.data)
         return self._send_counts
+
+    def wire_rows(self) -> np.ndarray:
+        """Rows on the wire to each rank (int64 ``[world]``): a token once per rank it selected."""
+        out = np.zeros(self.engine.world, dtype=np.int64)
+        lib().pe_ll_wire_rows(self._ll, out.ctypes.data)
+        return out
 
     def receive(self, exchange: Exchange, fields: np.ndarray, slots: int, ignore: np.ndarray, layout_range: Any,
                 expert_count: Any, keep: list[Any]) -> None:

@@ -311,3 +311,27 @@ def masked(rank: int, world_size: int, *, seed: int, max_tokens: int, hidden: in
     recv_x, recv_count, handle, _, _ = case.dispatch(buffer)
     case.check_dispatch(recv_x, recv_count, handle, " (unmasked again)")
     dist.barrier()
+
+
+def wire_rows(rank: int, world_size: int, *, seed: int, num_nodes: int, max_tokens: int, hidden: int,
+              num_experts: int, topk: int) -> None:
+    """The ring backend sends a token once per destination rank, with the list of that rank's experts
+    it selected, and the receiver fans it out: the rows counted on the wire are the distinct
+    (token, rank) pairs, fewer than the selections; the results are still the reference's."""
+    buffer = new_ll_buffer(world_size, num_nodes, max_tokens, hidden, num_experts, backend="ring")
+    case = LLCase(rank, world_size, seed, max_tokens, max_tokens, hidden, num_experts, topk, use_fp8=True)
+    before = buffer.get_stats()
+    recv_x, recv_count, handle, _, _ = case.dispatch(buffer)
+    after = buffer.get_stats()
+    case.check_dispatch(recv_x, recv_count, handle, " (deduplicated wire)")
+    owners = [[e // case.local_experts for e in row if e >= 0] for row in case.topk_idx.tolist()]
+    pairs = sum(len({r for r in row if r != rank}) for row in owners)
+    selections = sum(sum(1 for r in row if r != rank) for row in owners)
+    sent = after["rows_world"] - before["rows_world"]
+    assert sent == pairs, f"rank {rank}: {sent} rows on the wire, expected one per (token, other rank): {pairs}"
+    assert pairs < selections, f"rank {rank}: the routing should select several experts of one rank per token"
+    row_bytes = hidden + hidden // 128 * 4 + 4 + 4 * topk  # e4m3, scales, source token, list of experts
+    assert after["bytes_world"] - before["bytes_world"] == pairs * row_bytes, f"rank {rank}: wire bytes"
+    y = case.expert_output(recv_x, recv_count)
+    combined, _, _ = buffer.low_latency_combine(y, case.topk_idx, case.topk_weights, handle)
+    case.check_combine(combined, case.reference_combine(y), " (deduplicated wire)")

@@ -70,3 +70,8 @@ def test_clean_low_latency_buffer_switch_modes(rank_pools: Callable[[int], RankP
 
 def test_masked_rank(pool4: RankPool) -> None:
     pool4.run(tasks_ll.masked, seed=17, max_tokens=16, hidden=128, num_experts=8, topk=4, masked_rank=2)
+
+
+@pytest.mark.parametrize("num_nodes", [1, 2], ids=["1node", "2nodes"])
+def test_dispatch_sends_a_token_once_per_rank(pool4: RankPool, num_nodes: int) -> None:
+    pool4.run(tasks_ll.wire_rows, seed=18, num_nodes=num_nodes, max_tokens=32, hidden=256, num_experts=8, topk=6)

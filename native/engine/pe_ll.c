@@ -109,6 +109,10 @@ void pe_ll_send_counts(const pe_ll_t *ll, int64_t *per_rank) {
   for (int r = 0; r < ll->world; ++r) per_rank[r] = ll->rank_first[r + 1] - ll->rank_first[r];
 }
 
+void pe_ll_wire_rows(const pe_ll_t *ll, int64_t *per_rank) {
+  for (int r = 0; r < ll->world; ++r) per_rank[r] = ll->wire_first[r + 1] - ll->wire_first[r];
+}
+
 // The exchange's ranks: every rank but the masked ones, this one always.
 static int ll_peers(pe_ll_t *ll, const uint8_t *masked) {
   ll->peers = malloc((size_t)ll->world * sizeof *ll->peers);

@@ -39,8 +39,10 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
                         int nfields, int flags, char *err);
 // The dispatch's exchange (NULL once pe_ll_dispatch_recv completed it and the caller freed it).
 pe_exchange_t *pe_ll_exchange(pe_ll_t *ll);
-// Rows sent to each rank ([world]).
+// Selections sent to each rank ([world]).
 void pe_ll_send_counts(const pe_ll_t *ll, int64_t *per_rank);
+// Rows on the wire to each rank ([world]): its distinct tokens, each with its list of experts.
+void pe_ll_wire_rows(const pe_ll_t *ll, int64_t *per_rank);
 // Once every header arrived: check that each peer called with this rank's shape (else -2, with the
 // peer in `bad_rank` and the difference in `err`), lay the rows out expert-major (`slots` rows per
 // local expert; rows of ranks with ignore[rank] set count as none), write `layout_range`
