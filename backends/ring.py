@@ -429,10 +429,11 @@ class RingBackend(CommBackend):
     def ll_dispatch(self, op: str, topk_idx: torch.Tensor, num_experts: int, masked: torch.Tensor,
                     shape: Sequence[int], columns: Sequence[torch.Tensor], layout: RowLayout,
                     drop_dead: bool) -> tuple[native.LLRoute, _LLPending]:
-        """Start an LL dispatch in the engine: each selection of ``topk_idx`` (int64 ``[tokens,
-        topk]``) sends row ``token`` of ``columns`` and the token index (int32, the layout's last
-        column) to the expert's rank; ranks ``masked`` (bool per rank) are left out. Returns the
-        route (for :meth:`ll_receive` and :meth:`ll_combine`) and the exchange in flight."""
+        """Start an LL dispatch in the engine: every token of ``topk_idx`` (int64 ``[tokens, topk]``)
+        goes once to each rank owning experts it selected, as row ``token`` of ``columns``, the token
+        index (int32, the layout's last column) and the list of that rank's experts; ranks ``masked``
+        (bool per rank) are left out. Returns the route (for :meth:`ll_receive` and
+        :meth:`ll_combine`) and the exchange in flight."""
         keep: list[Any] = []
         if layout.columns[-1] != WireColumn(torch.int32, 1) or layout.offsets[-1] + 4 != layout.row_bytes:
             raise ValueError(f"{op}: an LL row ends with its int32 source token")

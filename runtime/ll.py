@@ -1,10 +1,14 @@
-"""Low-latency dispatch and combine: direct, one message per (token, expert), expert-major output.
+"""Low-latency dispatch and combine: direct (no node hop), expert-major output.
 
-Dispatch sends each selection of a token straight to the rank that owns the expert (no node
-hop), FP8-cast on the sender when asked. The receiver lays rows out expert-major,
-`[num_local_experts, num_ranks * T, hidden]`: for each local expert, rows grouped by source rank
-(ascending), in source token order within a group. Combine sends every row back to its source,
-which reduces ``sum_k w[t, k] * y_k(t)`` in float32.
+Dispatch sends each token straight to the ranks that own its experts, FP8-cast on the sender when
+asked. The receiver lays rows out expert-major, `[num_local_experts, num_ranks * T, hidden]`: for
+each local expert, rows grouped by source rank (ascending), in source token order within a group.
+Combine sends every row back to its source, which reduces ``sum_k w[t, k] * y_k(t)`` in float32.
+
+On a backend that runs LL itself (:meth:`CommBackend.native_ll`: the ring backend on host tensors)
+each phase is one engine call, and a token crosses the wire once per destination rank, fanned out
+to its experts on arrival; elsewhere each (token, expert) selection is one row of an exchange plan.
+The results are the same.
 
 Both are split into a send phase (returns at once, data in flight) and a receive phase (the
 ``hook`` of ``return_recv_hook=True``), which is what dual-batch overlap builds on.
