@@ -25,7 +25,7 @@ def _sources(*names: str) -> list[str]:
     return [str((ENGINE / name).relative_to(HERE)) for name in names]
 
 
-ENGINE_SOURCES = _sources("pe_module.c", "pe_common.c", "pe_window.c", "pe_rows.c", "pe_ll.c", "pe_engine.c",
+ENGINE_SOURCES = _sources("pe_module.c", "pe_common.c", "pe_window.c", "pe_rows.c", "pe_ll.c", "pe_ht.c", "pe_engine.c",
                           "pe_proxy.c", "pe_msgproto.c",
                           *sorted(p.name for p in ENGINE.glob("pe_transport_*.c") if p.name != "pe_transport_ucx.c"))
 

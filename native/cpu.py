@@ -57,9 +57,77 @@ def dispatch_layout(
 
 def rows_by_column(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a `[rows, cols]` bool mask: the row indices of the set entries ordered by (column, row),
-    and the number of entries per column (int64 `[cols]`)."""
+    and the number of entries per column (int64 `[cols]`). On the CPU the engine does it in one
+    pass."""
+    if mask.is_cpu and mask.dim() == 2 and mask.dtype in (torch.bool, torch.uint8):
+        from .engine import rows_by_column as native_rows_by_column
+
+        mask = mask.contiguous()
+        index = torch.empty(mask.numel(), dtype=torch.int64)
+        counts = torch.empty(mask.size(1), dtype=torch.int64)
+        n = native_rows_by_column(mask.data_ptr(), mask.size(0), mask.size(1), index.data_ptr(), counts.data_ptr())
+        return index[:n], counts
+    return rows_by_column_torch(mask)
+
+
+def rows_by_column_torch(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rows_by_column` with torch ops (any device)."""
     cols, rows = mask.t().nonzero(as_tuple=True)
     return rows, torch.bincount(cols, minlength=mask.size(1))
+
+
+def ht_recv_positions(node_recv: torch.Tensor) -> torch.Tensor:
+    """Where the rows of an HT node hop land: ``node_recv`` (int64 `[ranks_per_node, num_nodes]`)
+    rows arrive from each local rank j grouped by source node n; the output holds them grouped by
+    source rank ``n * ranks_per_node + j``, source order kept. Returns the output row of every
+    arriving row, ordered by (j, n)."""
+    per_node, nodes = node_recv.shape
+    if node_recv.is_cpu:
+        from .engine import ht_positions
+
+        counts = node_recv.to(torch.int64).contiguous()
+        positions = torch.empty(int(counts.sum()), dtype=torch.int64)
+        ht_positions(counts.data_ptr(), per_node, nodes, positions.data_ptr())
+        return positions
+    return ht_recv_positions_torch(node_recv)
+
+
+def ht_recv_positions_torch(node_recv: torch.Tensor) -> torch.Tensor:
+    """:func:`ht_recv_positions` with torch ops (any device)."""
+    per_node, nodes = node_recv.shape
+    per_source = node_recv.t().reshape(-1)  # by source rank n * per_node + j
+    base = torch.cumsum(per_source, 0) - per_source
+    starts, lengths = base.view(nodes, per_node).t().reshape(-1), node_recv.reshape(-1)
+    block_first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return block_first + torch.arange(int(lengths.sum()), device=node_recv.device)
+
+
+def local_routing(topk_idx: torch.Tensor, topk_weights: torch.Tensor, first_expert: int, local_experts: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dispatch's received routing for this rank: global expert ids `[rows, topk]` to local ones
+    (-1 for experts of other ranks), their weights (0 there), and the selections per local expert
+    (int64 `[local_experts]`)."""
+    if topk_idx.is_cpu and topk_idx.dtype == torch.int64 and topk_weights.dtype == torch.float32:
+        from .engine import ht_local_routing
+
+        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
+        local = torch.empty_like(topk_idx)
+        weights = torch.empty_like(topk_weights)
+        per_expert = torch.empty(local_experts, dtype=torch.int64)
+        ht_local_routing(topk_idx.data_ptr(), topk_weights.data_ptr(), topk_idx.size(0), topk_idx.size(1),
+                         first_expert, local_experts, local.data_ptr(), weights.data_ptr(), per_expert.data_ptr())
+        return local, weights, per_expert
+    return local_routing_torch(topk_idx, topk_weights, first_expert, local_experts)
+
+
+def local_routing_torch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, first_expert: int, local_experts: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`local_routing` with torch ops (any device)."""
+    shifted = topk_idx - first_expert
+    mine = (topk_idx >= 0) & (shifted >= 0) & (shifted < local_experts)
+    local = torch.where(mine, shifted, torch.full_like(shifted, -1))
+    weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
+    return local, weights, torch.bincount(local[mine], minlength=local_experts)
 
 
 # ----------------------------------------------------------------------------- FP8
@@ -383,6 +451,8 @@ class CpuKernels:
     name = "cpu"
     dispatch_layout = staticmethod(dispatch_layout)
     rows_by_column = staticmethod(rows_by_column)
+    ht_recv_positions = staticmethod(ht_recv_positions)
+    local_routing = staticmethod(local_routing)
     fp8_cast = staticmethod(fp8_cast)
     fp8_cast_back = staticmethod(fp8_cast_back)
     pack_ue8m0 = staticmethod(pack_ue8m0)

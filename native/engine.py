@@ -122,6 +122,10 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_fp8_cast", None, c_void_p, c_int, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int)
     _declare(so, "pe_ll_route", c_int64, c_void_p, c_int64, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p)
     _declare(so, "pe_ll_place", None, c_void_p, c_int, c_int, c_int64, c_void_p, c_void_p, c_void_p)
+    _declare(so, "pe_rows_by_column", c_int64, c_void_p, c_int64, c_int64, c_void_p, c_void_p)
+    _declare(so, "pe_ht_positions", None, c_void_p, c_int, c_int, c_void_p)
+    _declare(so, "pe_ht_local_routing", None, c_void_p, c_void_p, c_int64, c_int, c_int64, c_int, c_void_p, c_void_p,
+             c_void_p)
     _declare(so, "pe_ll_dispatch", c_void_p, c_void_p, c_char_p, c_void_p, c_int64, c_int, c_int, c_void_p, c_void_p,
              c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ll_exchange", c_void_p, c_void_p)
@@ -677,6 +681,23 @@ def fp8_cast(x_ptr: int, x_type: int, rows: int, hidden: int, row_stride: int, o
              round_scale: bool) -> None:
     """Per-token, per-128-channel e4m3 cast (see ``pe_fp8_cast``): one pass, no temporaries."""
     lib().pe_fp8_cast(x_ptr, x_type, rows, hidden, row_stride, out_ptr, scales_ptr, int(round_scale))
+
+
+def rows_by_column(mask_ptr: int, rows: int, cols: int, index_ptr: int, counts_ptr: int) -> int:
+    """Row indices of a byte mask's set entries by (column, row) (see ``pe_rows_by_column``)."""
+    return lib().pe_rows_by_column(mask_ptr, rows, cols, index_ptr, counts_ptr)
+
+
+def ht_positions(counts_ptr: int, per_node: int, nodes: int, positions_ptr: int) -> None:
+    """Where an HT node hop's rows land (see ``pe_ht_positions``)."""
+    lib().pe_ht_positions(counts_ptr, per_node, nodes, positions_ptr)
+
+
+def ht_local_routing(topk_idx_ptr: int, weights_ptr: int, rows: int, topk: int, first_expert: int, local: int,
+                     local_idx_ptr: int, local_weights_ptr: int, per_expert_ptr: int) -> None:
+    """A dispatch's routing as local expert ids (see ``pe_ht_local_routing``)."""
+    lib().pe_ht_local_routing(topk_idx_ptr, weights_ptr or None, rows, topk, first_expert, local, local_idx_ptr,
+                              local_weights_ptr or None, per_expert_ptr)
 
 
 def ll_route(topk_idx_ptr: int, tokens: int, topk: int, num_experts: int, num_ranks: int, masked_ptr: int,

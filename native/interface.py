@@ -37,6 +37,17 @@ class Kernels(Protocol):
         column (int64 `[cols]`): the send order of an HT dispatch hop."""
         ...
 
+    def ht_recv_positions(self, node_recv: torch.Tensor) -> torch.Tensor:
+        """Output row of every row of an HT node hop, ordered by (local rank, source node), from
+        the rows per (local rank, source node) `[ranks_per_node, num_nodes]`."""
+        ...
+
+    def local_routing(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, first_expert: int,
+                      local_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Received global expert ids to this rank's local ids (-1 elsewhere), their weights (0
+        elsewhere) and the selections per local expert."""
+        ...
+
     # ---------------------------------------------------------------- number formats
     def fp8_cast(self, x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`[N, hidden]` to (`[N, hidden]` float8_e4m3fn, `[N, hidden / 128]` float32 scales)."""

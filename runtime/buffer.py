@@ -22,7 +22,7 @@ from portep.deadlines import default_timeout_s
 from portep.event import EventHandle, EventOverlap, current_stream
 from portep.ll_layout import LowLatencyLayout, low_latency_rdma_size_hint
 from portep.memory import POOL
-from portep.native import cpu
+from portep.native import cpu, kernels_for
 from portep.topology import Topology, discover
 
 _buffer_ids = itertools.count(1)
@@ -330,11 +330,8 @@ class Buffer:
 
         recv_topk_idx = recv_topk_weights = None
         if topk_idx is not None:
-            local = received["topk_idx"] - self.rank * local_experts
-            mine = (local >= 0) & (local < local_experts)
-            recv_topk_idx = torch.where(mine, local, torch.full_like(local, -1))
-            recv_topk_weights = torch.where(mine, received["topk_weights"], torch.zeros_like(received["topk_weights"]))
-            per_expert = torch.bincount(recv_topk_idx[mine], minlength=local_experts)
+            recv_topk_idx, recv_topk_weights, per_expert = kernels_for(self.device).local_routing(
+                received["topk_idx"], received["topk_weights"], self.rank * local_experts, local_experts)
         else:
             # Selections every rank sends to this rank's experts.
             per_expert = self._backend.exchange_counts(num_tokens_per_expert.view(self.group_size, -1), op).sum(0)

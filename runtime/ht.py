@@ -17,7 +17,7 @@ network (in the input dtype), and the source adds the partial sums of every node
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,8 @@ class HTHandle:
     node_recv: torch.Tensor
     positions: list[torch.Tensor]
     num_recv_tokens_per_expert_list: list[int]
+    # Where a combine reduces what comes back (node hop, then network hop), made by its first combine.
+    combine_targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def num_recv(self) -> int:
@@ -149,16 +151,10 @@ def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor
     pending = comm.start(Plan(op, "node", RowLayout(wire), sends, counts=counts))
     _, node_recv = pending.headers()
     node_recv = node_recv.to(torch.int64)  # [j, n]: rows of source rank (n, j)
-    per_source = node_recv.t().reshape(-1)  # by source rank n * per_node + j
-    base = torch.cumsum(per_source, 0) - per_source
-    num_recv = int(per_source.sum())
+    num_recv = int(node_recv.sum())
     device = payload.x.device
     out = [POOL.empty((num_recv, t.size(1)), t.dtype, device) for t in columns]
-    # Rows from local rank j arrive by source node n; those of source rank (n, j) go to its block.
-    starts, lengths = base.view(nodes, per_node).t().reshape(-1), node_recv.reshape(-1)
-    block_first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
-    flat = (block_first + torch.arange(int(lengths.sum()))).to(device)
-    positions = list(torch.split(flat, node_recv.sum(1).tolist()))
+    positions = list(torch.split(kernels.ht_recv_positions(node_recv).to(device), node_recv.sum(1).tolist()))
     pending.receive([Receive(out, index=pos) for pos in positions])
     pending.wait()
     maps = dict(net_index=net_index, hop_first=hop_first, hop_rows=hop_rows, node_sends=node_sends,
@@ -205,19 +201,23 @@ def combine(
         columns.append(topk_weights)
     wire = _wire(columns)
 
+    if handle.combine_targets is None:  # accumulator rows: forwarded rows first, then this rank's tokens
+        handle.combine_targets = (
+            [torch.cat([segs[n] + (hop_total if n == me else 0) for n in range(topo.num_nodes)])
+             for segs in handle.node_sends],
+            [idx + hop_total for idx in handle.net_index])
+    node_targets, net_targets = handle.combine_targets
+
     # Node hop, reversed: copies go back to the rank that forwarded them.
     sends = [[Gather(columns, index=pos)] if pos.numel() else [] for pos in handle.positions]
-    targets = [torch.cat([segs[n] + (hop_total if n == me else 0) for n in range(topo.num_nodes)])
-               for segs in handle.node_sends]
-    comm.run(Plan(op, "node", RowLayout(wire), sends,
-                  receives=[Receive(acc, index=t, reduce=True, touched=touched, rows=t.numel()) for t in targets]))
+    comm.run(Plan(op, "node", RowLayout(wire), sends, receives=[
+        Receive(acc, index=t, reduce=True, touched=touched, rows=t.numel()) for t in node_targets]))
 
     # Network hop, reversed: one partial sum per token and node, in the input dtype.
     wire[0] = WireColumn(x.dtype, x.size(1))
     sends = [[] if n == me or not rows else [Gather(acc, first=first, count=rows)]
              for n, (first, rows) in enumerate(zip(handle.hop_first, handle.hop_rows, strict=True))]
-    receives = [Receive(acc, index=idx + hop_total, reduce=True, touched=touched, rows=idx.numel())
-                for idx in handle.net_index]
+    receives = [Receive(acc, index=idx, reduce=True, touched=touched, rows=idx.numel()) for idx in net_targets]
     comm.run(Plan(op, "peers", RowLayout(wire), sends, receives=receives))
     result = [a[hop_total:] for a in acc]
     return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:]
