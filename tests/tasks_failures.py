@@ -164,10 +164,12 @@ def shrink_keeps_serving(rank: int, world_size: int, *, victim: int, moment: str
         _wait_gone(pids[victim])
     outcome: dict[str, Any] = {"transport": _transport(buffer), "diffs": [], "elapsed": [],
                                "dead_known": victim in buffer._backend.dead_ranks()}
+    first: dict[str, Any] = {}
     try:
         for seed in range(6, 6 + rounds):
             start = time.monotonic()
-            outcome["diffs"].append(_ll_round(buffer, rank, seed, victim, phase if seed == 6 else None))
+            outcome["diffs"].append(_ll_round(buffer, rank, seed, victim, phase if seed == 6 else None,
+                                              first if seed == 6 else None))
             outcome["elapsed"].append(time.monotonic() - start)
         outcome.update(type="", error="")
     except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
@@ -178,6 +180,9 @@ def shrink_keeps_serving(rank: int, world_size: int, *, victim: int, moment: str
         outcome["mask"] = status.tolist()
     except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
         outcome["mask"] = f"{type(exc).__name__}: {exc}"
+    # The death may have been reported between the check above and the first dispatch, which then
+    # left the victim out: it posted nothing to it, so its proxy had nothing to find.
+    outcome["dead_known"] = outcome["dead_known"] or first.get("victim_masked", False)
     outcome.update(_proxy_view(buffer, victim))
     held = [buffer]
     del buffer

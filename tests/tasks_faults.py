@@ -62,11 +62,13 @@ def kill_mid_operation(rank: int, world_size: int, *, victim: int, mode: str, ph
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
-def _ll_round(buffer: Any, rank: int, seed: int, victim: int | None, phase: str | None) -> float:
+def _ll_round(buffer: Any, rank: int, seed: int, victim: int | None, phase: str | None,
+              record: dict[str, Any] | None = None) -> float:
     """One LL dispatch + combine; ``victim`` dies at ``phase`` (or is already dead, or None). Returns
     this rank's diff against ``x * Σ w_k scale(e_k)`` over experts on ranks other than ``victim``
     (a local check: no collective can include a dead rank). Meaningful only when the round
-    completes, i.e. with shrink on."""
+    completes, i.e. with shrink on. ``record`` gets ``victim_masked``: whether the dispatch left the
+    victim out from the start (shrink masks a rank the control plane already reported dead)."""
     from portep.reference import calc_diff
     from tests.tasks_ll import expert_scale
 
@@ -78,6 +80,8 @@ def _ll_round(buffer: Any, rank: int, seed: int, victim: int | None, phase: str 
     if rank == victim and phase == "dispatch":
         _die()
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
+    if record is not None:
+        record["victim_masked"] = victim is not None and bool(handle.masked[victim])
     if rank == victim and phase == "combine":
         _die()
     y = torch.zeros_like(recv_x)
