@@ -613,9 +613,10 @@ class LLRoute:
     @classmethod
     def dispatch(cls, engine: Engine, op: str, npeers: int, topk_idx: Any, num_experts: int, masked: Any,
                  shape: np.ndarray, fields: np.ndarray, drop_dead: bool, keep: list[Any]) -> tuple[LLRoute, Exchange]:
-        """Route ``topk_idx`` (int64 CPU tensor ``[tokens, topk]``) and send every selection's row
-        (``fields``: gather fields, source row = token) to the ``npeers`` ranks not ``masked`` (uint8
-        tensor per rank, or None); returns the route and the dispatch's exchange."""
+        """Route ``topk_idx`` (int64 CPU tensor ``[tokens, topk]``) and send every token once to each
+        of the ``npeers`` ranks not ``masked`` (uint8 tensor per rank, or None) that own experts it
+        selected (``fields``: gather fields, source row = token; the engine appends the list of those
+        experts); returns the route and the dispatch's exchange."""
         err = _err()
         tokens, topk = topk_idx.shape
         ptr = lib().pe_ll_dispatch(engine.ptr, op.encode(), topk_idx.data_ptr(), tokens, topk, num_experts,

@@ -220,8 +220,7 @@ class LLCombine:
         if self.native:  # the engine reuses the dispatch's routing and placement
             self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
             self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
-            sent = dispatch.route.send_counts()
-            self.received = torch.from_numpy(sent > 0) & ~masked
+            self.route, self.masked = dispatch.route, masked
             self.pending = comm.ll_combine(op, dispatch.route, expert_out, topk_weights, self.acc, self.touched, masked,
                                            drop_dead)
             self.done = False
@@ -294,7 +293,8 @@ class LLCombine:
                                                         self.acc.device)
         finish_sum(self.acc, self.touched, result)
         if wait_cost_stats is not None:
-            received = self.received if self.native else torch.tensor([t.numel() > 0 for t in self.token])
+            received = torch.from_numpy(self.route.send_counts() > 0) & ~self.masked if self.native else \
+                torch.tensor([t.numel() > 0 for t in self.token])
             wait_cost_stats += received.to(wait_cost_stats.device, wait_cost_stats.dtype) * waited
         self.done = True
         return result

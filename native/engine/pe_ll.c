@@ -10,6 +10,11 @@
 #include "pe_common.h"
 #include "pe_rows.h"
 
+// Whether expert `e` is a selection an LL dispatch sends: a valid id, on a rank that is not masked.
+static inline int ll_selected(int64_t e, int num_experts, int local, const uint8_t *masked) {
+  return e >= 0 && e < num_experts && !(masked && masked[e / local]);
+}
+
 int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_experts, int num_ranks,
                     const uint8_t *masked, int64_t *token, int64_t *k, int32_t *counts) {
   const int local = num_experts / num_ranks;
@@ -18,7 +23,7 @@ int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_e
   memset(counts, 0, (size_t)num_experts * sizeof *counts);
   for (int64_t i = 0; i < tokens * topk; ++i) {
     const int64_t e = topk_idx[i];
-    if (e >= 0 && e < num_experts && !(masked && masked[e / local])) counts[e]++;
+    if (ll_selected(e, num_experts, local, masked)) counts[e]++;
   }
   int64_t total = 0;
   for (int e = 0; e < num_experts; ++e) {  // experts in order: (rank, local expert) order
@@ -28,7 +33,7 @@ int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_e
   for (int64_t t = 0; t < tokens; ++t) {  // tokens in order: each expert's selections in token order
     for (int j = 0; j < topk; ++j) {
       const int64_t e = topk_idx[t * topk + j];
-      if (e < 0 || e >= num_experts || (masked && masked[e / local])) continue;
+      if (!ll_selected(e, num_experts, local, masked)) continue;
       const int64_t at = cursor[e]++;
       token[at] = t;
       k[at] = j;
@@ -80,7 +85,6 @@ struct pe_ll {
   int64_t *wire_token;   // tokens sent, by (rank, token)
   int64_t *wire_first;   // [world + 1]
   int32_t *lists;        // [world, tokens, topk]: the rank's local expert of each selection, or -1
-  int64_t list_offset;   // where the list starts in a wire row
   pe_fanout_t *fanout;   // receive side: per peer, where its rows go (cursor / end per local expert)
   int64_t *cursor, *end;
 };
@@ -113,14 +117,13 @@ void pe_ll_wire_rows(const pe_ll_t *ll, int64_t *per_rank) {
   for (int r = 0; r < ll->world; ++r) per_rank[r] = ll->wire_first[r + 1] - ll->wire_first[r];
 }
 
-// The exchange's ranks: every rank but the masked ones, this one always.
-static int ll_peers(pe_ll_t *ll, const uint8_t *masked) {
-  ll->peers = malloc((size_t)ll->world * sizeof *ll->peers);
-  if (ll->peers == NULL) return -1;
-  ll->npeers = 0;
-  for (int r = 0; r < ll->world; ++r)
-    if (r == ll->rank || masked == NULL || !masked[r]) ll->peers[ll->npeers++] = r;
-  return 0;
+// An exchange's ranks into `peers` ([world]): every rank but the masked ones, this one always.
+// Returns how many.
+static int ll_peers(int rank, int world, const uint8_t *masked, int32_t *peers) {
+  int n = 0;
+  for (int r = 0; r < world; ++r)
+    if (r == rank || masked == NULL || !masked[r]) peers[n++] = r;
+  return n;
 }
 
 pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx, int64_t tokens, int topk,
@@ -145,7 +148,9 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   ll->k = malloc(sel * sizeof *ll->k);
   ll->rank_first = calloc((size_t)world + 1, sizeof *ll->rank_first);
   ll->counts = malloc((size_t)num_experts * sizeof *ll->counts);
-  if (!ll->token || !ll->k || !ll->rank_first || !ll->counts || ll_peers(ll, masked) != 0) goto oom;
+  ll->peers = malloc((size_t)world * sizeof *ll->peers);
+  if (!ll->token || !ll->k || !ll->rank_first || !ll->counts || !ll->peers) goto oom;
+  ll->npeers = ll_peers(ll->rank, world, masked, ll->peers);
   if (pe_ll_route(topk_idx, tokens, topk, num_experts, world, masked, ll->token, ll->k, ll->counts) < 0) goto oom;
   for (int r = 0; r < world; ++r) {
     int64_t n = 0;
@@ -161,7 +166,7 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   for (int64_t t = 0; t < tokens; ++t) {
     for (int j = 0; j < topk; ++j) {
       const int64_t ex = topk_idx[t * topk + j];
-      if (ex < 0 || ex >= num_experts || (masked && masked[ex / ll->local])) continue;
+      if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
       ll->lists[((ex / ll->local) * tokens + t) * topk + j] = (int32_t)(ex % ll->local);
     }
   }
@@ -181,8 +186,7 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   // One segment per peer, its fields followed by the list; header counts: the shape, then the
   // rows per local expert.
   const int ncounts = PE_LL_SHAPE + ll->local;
-  ll->list_offset = pe_fields_wire_bytes(fields, nfields);
-  const int64_t row_bytes = ll->list_offset + 4 * (int64_t)topk;
+  const int64_t row_bytes = pe_fields_wire_bytes(fields, nfields) + 4 * (int64_t)topk;  // then the list
   pe_send_t *sends = calloc((size_t)ll->npeers, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)ll->npeers, sizeof *segs);
   pe_field_t *wire_fields = malloc((size_t)ll->npeers * (size_t)(nfields + 1) * sizeof *wire_fields);
@@ -295,6 +299,7 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
   }
   memcpy(wire_fields, fields, (size_t)nfields * sizeof *wire_fields);
   wire_fields[nfields] = (pe_field_t){.count = 4 * ll->topk, .mem_type = PE_U8, .wire_type = PE_U8, .kind = PE_SKIP};
+  const int32_t list_offset = (int32_t)pe_fields_wire_bytes(fields, nfields);
   for (int i = 0; i < ll->npeers; ++i) {
     const int r = ll->peers[i];
     int64_t *cursor = &ll->cursor[(int64_t)i * ll->local], *end = &ll->end[(int64_t)i * ll->local];
@@ -303,8 +308,7 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
       cursor[j] = (int64_t)j * slots + (range >> 32);
       end[j] = cursor[j] + (range & 0xffffffff);
     }
-    ll->fanout[i] = (pe_fanout_t){.list_offset = (int32_t)pe_fields_wire_bytes(fields, nfields),
-                                  .list_count = ll->topk, .nkeys = ll->local, .cursor = (uint64_t)(uintptr_t)cursor,
+    ll->fanout[i] = (pe_fanout_t){.list_offset = list_offset, .list_count = ll->topk, .nkeys = ll->local, .cursor = (uint64_t)(uintptr_t)cursor,
                                   .end = (uint64_t)(uintptr_t)end};
     recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)wire_fields, .expect_rows = -1,
                            .fanout = (uint64_t)(uintptr_t)&ll->fanout[i], .nfields = nfields + 1};
@@ -329,21 +333,21 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
     pe_engine_fail(e, PE_ERR_USAGE);
     return NULL;
   }
-  pe_ll_t view = *ll;  // the combine's ranks: today's unmasked ones
-  view.peers = NULL;
+  int32_t *peers = malloc((size_t)ll->world * sizeof *peers);  // the combine's ranks: today's unmasked ones
   pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
   pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
   pe_exchange_t *x = NULL;
-  if (sends == NULL || segs == NULL || recvs == NULL || ll_peers(&view, masked) != 0) {
+  if (peers == NULL || sends == NULL || segs == NULL || recvs == NULL) {
     pe_err(err, "%s: out of memory", op);
     pe_engine_fail(e, PE_ERR_USAGE);
     goto done;
   }
+  const int npeers = ll_peers(ll->rank, ll->world, masked, peers);
   const int64_t nsel = ll->rank_first[ll->world];
   for (int64_t i = 0; i < nsel; ++i) weights[i] = topk_weights[ll->token[i] * ll->topk + ll->k[i]];
-  for (int i = 0; i < view.npeers; ++i) {
-    const int r = view.peers[i];
+  for (int i = 0; i < npeers; ++i) {
+    const int r = peers[i];
     segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
                              .index = (uint64_t)(uintptr_t)(ll->positions + ll->source_first[r]),
                              .nrows = ll->source_first[r + 1] - ll->source_first[r], .nfields = nsend};
@@ -353,14 +357,14 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
                            .weights = (uint64_t)(uintptr_t)(weights + first), .touched = (uint64_t)(uintptr_t)touched,
                            .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc};
   }
-  x = pe_exchange_start(e, op, view.npeers, view.peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
+  x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
                         flags, err);
   if (x != NULL && pe_exchange_push(x, err) != 0) {
     pe_exchange_free(x);
     x = NULL;
   }
 done:
-  free(view.peers);
+  free(peers);
   free(sends);
   free(segs);
   free(recvs);

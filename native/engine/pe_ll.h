@@ -31,13 +31,15 @@ typedef struct pe_ll pe_ll_t;
 
 // Start an LL dispatch among the ranks of `e` but the masked ones (masked[rank], may be NULL; this
 // rank always takes part): route `topk_idx` (see pe_ll_route), and send each rank one message
-// holding, for each of its selections (local expert, then token order), source row `token` of
-// `fields` (PE_GATHER / PE_ROW_INDEX fields). Its header carries `shape` and the rows per local
-// expert. The rows leave before this returns as far as credits allow. NULL on error.
+// holding, for each token that selected experts of that rank (token order), source row `token` of
+// `fields` (PE_GATHER / PE_ROW_INDEX fields) followed by the token's top-k list of that rank's local
+// experts (int32, -1 elsewhere), which the receiver fans out (pe_fanout_t). Its header carries
+// `shape` and the selections per local expert. The rows leave before this returns as far as
+// credits allow. NULL on error.
 pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx, int64_t tokens, int topk,
                         int num_experts, const uint8_t *masked, const int32_t *shape, const pe_field_t *fields,
                         int nfields, int flags, char *err);
-// The dispatch's exchange (NULL once pe_ll_dispatch_recv completed it and the caller freed it).
+// The dispatch's exchange, for the caller to wait on and free (pe_ll_dispatch_recv needs it until then).
 pe_exchange_t *pe_ll_exchange(pe_ll_t *ll);
 // Selections sent to each rank ([world]).
 void pe_ll_send_counts(const pe_ll_t *ll, int64_t *per_rank);
