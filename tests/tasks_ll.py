@@ -335,3 +335,27 @@ def wire_rows(rank: int, world_size: int, *, seed: int, num_nodes: int, max_toke
     y = case.expert_output(recv_x, recv_count)
     combined, _, _ = buffer.low_latency_combine(y, case.topk_idx, case.topk_weights, handle)
     case.check_combine(combined, case.reference_combine(y), " (deduplicated wire)")
+
+
+def wait_cost_stats(rank: int, world_size: int, *, seed: int, num_nodes: int, max_tokens: int, hidden: int,
+                    num_experts: int, topk: int, backend: str | None = None) -> None:
+    """``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` grow for exactly the ranks
+    this rank received rows from (the dispatch: ranks that selected its experts; the combine: ranks
+    owning experts it selected), and the results are still the reference's."""
+    buffer = ll_buffer(world_size, num_nodes, max_tokens, hidden, num_experts, backend)
+    case = LLCase(rank, world_size, seed, [max_tokens, 0, 3, max_tokens][:world_size], max_tokens, hidden,
+                  num_experts, topk)
+    local = num_experts // world_size
+    owners = [{int(e) // local for e in idx.flatten().tolist() if e >= 0} for idx in case.all_idx]
+    dispatch_stats = torch.zeros(world_size, dtype=torch.int64)
+    recv_x, recv_count, handle, _, _ = case.dispatch(buffer, dispatch_wait_recv_cost_stats=dispatch_stats)
+    case.check_dispatch(recv_x, recv_count, handle, " (with wait stats)")
+    want = [rank in owners[src] for src in range(world_size)]
+    assert (dispatch_stats > 0).tolist() == want, f"rank {rank}: dispatch wait stats {dispatch_stats.tolist()}"
+    combine_stats = torch.zeros(world_size, dtype=torch.int64)
+    y = case.expert_output(recv_x, recv_count)
+    combined, _, _ = buffer.low_latency_combine(y, case.topk_idx, case.topk_weights, handle,
+                                                combine_wait_recv_cost_stats=combine_stats)
+    case.check_combine(combined, case.reference_combine(y), " (with wait stats)")
+    want = [r in owners[rank] for r in range(world_size)]
+    assert (combine_stats > 0).tolist() == want, f"rank {rank}: combine wait stats {combine_stats.tolist()}"

@@ -75,3 +75,8 @@ def test_masked_rank(pool4: RankPool) -> None:
 @pytest.mark.parametrize("num_nodes", [1, 2], ids=["1node", "2nodes"])
 def test_dispatch_sends_a_token_once_per_rank(pool4: RankPool, num_nodes: int) -> None:
     pool4.run(tasks_ll.wire_rows, seed=18, num_nodes=num_nodes, max_tokens=32, hidden=256, num_experts=8, topk=6)
+
+
+def test_wait_cost_stats(pool4: RankPool, backend: str) -> None:
+    pool4.run(tasks_ll.wait_cost_stats, seed=19, num_nodes=2, max_tokens=16, hidden=128, num_experts=8, topk=3,
+              backend=backend)
