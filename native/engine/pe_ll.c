@@ -158,31 +158,45 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
     ll->rank_first[r + 1] = ll->rank_first[r] + n;
   }
   // The wire: a token goes once to each rank it selected experts of, followed by the list of them.
+  // Only the lists of the (rank, token) pairs on the wire are written: the work is per selection,
+  // whatever the number of ranks.
   ll->wire_token = malloc(sel * sizeof *ll->wire_token);
   ll->wire_first = calloc((size_t)world + 1, sizeof *ll->wire_first);
   ll->lists = malloc((size_t)world * sel * sizeof *ll->lists);
-  if (!ll->wire_token || !ll->wire_first || !ll->lists) goto oom;
-  memset(ll->lists, 0xff, (size_t)world * sel * sizeof *ll->lists);  // -1: not this rank's
+  int64_t *seen = malloc(2 * (size_t)world * sizeof *seen);  // per rank: the last token listed
+  int64_t *cursor = seen + world;                             // per rank: its next wire row
+  if (!ll->wire_token || !ll->wire_first || !ll->lists || !seen) {
+    free(seen);
+    goto oom;
+  }
+  for (int r = 0; r < world; ++r) seen[r] = -1;
   for (int64_t t = 0; t < tokens; ++t) {
     for (int j = 0; j < topk; ++j) {
       const int64_t ex = topk_idx[t * topk + j];
       if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
-      ll->lists[((ex / ll->local) * tokens + t) * topk + j] = (int32_t)(ex % ll->local);
+      const int64_t r = ex / ll->local;
+      int32_t *list = &ll->lists[(r * tokens + t) * topk];
+      if (seen[r] != t) {  // the token's first selection on rank r: one more row, a fresh list
+        seen[r] = t;
+        ll->wire_first[r + 1]++;
+        memset(list, 0xff, (size_t)topk * sizeof *list);  // -1: not this rank's
+      }
+      list[j] = (int32_t)(ex % ll->local);
     }
   }
   for (int r = 0; r < world; ++r) {
-    int64_t n = ll->wire_first[r];
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int32_t *list = &ll->lists[((int64_t)r * tokens + t) * topk];
-      for (int j = 0; j < topk; ++j) {
-        if (list[j] >= 0) {
-          ll->wire_token[n++] = t;
-          break;
-        }
-      }
-    }
-    ll->wire_first[r + 1] = n;
+    ll->wire_first[r + 1] += ll->wire_first[r];
+    cursor[r] = ll->wire_first[r];
   }
+  for (int64_t t = 0; t < tokens; ++t) {  // tokens in order: each rank's rows in token order
+    for (int j = 0; j < topk; ++j) {
+      const int64_t ex = topk_idx[t * topk + j];
+      if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
+      const int64_t r = ex / ll->local;
+      if (cursor[r] == ll->wire_first[r] || ll->wire_token[cursor[r] - 1] != t) ll->wire_token[cursor[r]++] = t;
+    }
+  }
+  free(seen);
   // One segment per peer, its fields followed by the list; header counts: the shape, then the
   // rows per local expert.
   const int ncounts = PE_LL_SHAPE + ll->local;
@@ -308,8 +322,8 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
       cursor[j] = (int64_t)j * slots + (range >> 32);
       end[j] = cursor[j] + (range & 0xffffffff);
     }
-    ll->fanout[i] = (pe_fanout_t){.list_offset = list_offset, .list_count = ll->topk, .nkeys = ll->local, .cursor = (uint64_t)(uintptr_t)cursor,
-                                  .end = (uint64_t)(uintptr_t)end};
+    ll->fanout[i] = (pe_fanout_t){.list_offset = list_offset, .list_count = ll->topk, .nkeys = ll->local,
+                                  .cursor = (uint64_t)(uintptr_t)cursor, .end = (uint64_t)(uintptr_t)end};
     recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)wire_fields, .expect_rows = -1,
                            .fanout = (uint64_t)(uintptr_t)&ll->fanout[i], .nfields = nfields + 1};
     if (ignore != NULL && ignore[r]) recvs[i].expect_rows = 0;  // masked or dropped: no rows
