@@ -12,7 +12,7 @@
 
 #define BATCH 256
 #define IDLE_SLEEP_MS 5  // the longest an idle proxy sleeps before it looks around again
-#define MAX_PEERS 4096        // fixed tables: ranks read them without the lock, so they never move
+#define MAX_PEERS 4096  // fixed tables: ranks read them without the lock, so they never move
 #define MAX_ENDPOINTS 256
 
 typedef struct peer {
