@@ -111,6 +111,11 @@ class CommBackend(ABC):
         (``ll_dispatch`` / ``ll_combine``); otherwise they run as plans."""
         return False
 
+    def native_ht(self, device: torch.device) -> bool:
+        """Whether this backend runs HT dispatch and combine on tensors of ``device`` itself
+        (``ht_dispatch`` / ``ht_combine``); otherwise they run as plans."""
+        return False
+
     def exchange_counts(self, counts: torch.Tensor, op: str) -> torch.Tensor:
         """Send row ``r`` of int32 ``[num_ranks, k]`` ``counts`` to rank ``r``; returns the
         ``[num_ranks, k]`` rows received, row ``r`` from rank ``r``."""

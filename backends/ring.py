@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from portep.deadlines import number_from_env
 from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
+from portep.memory import POOL
 from portep.native import engine as native
 from portep.proxy import service
 from portep.proxy.session import session_for
@@ -257,17 +258,18 @@ class _RingPending(PendingRows):
         return self.plan.exclude
 
 
-class _LLPending(_RingPending):
-    """An LL dispatch or combine run by the engine as one step (see :meth:`RingBackend.ll_dispatch`)."""
+class _EnginePending(_RingPending):
+    """An exchange the engine started and places itself: an LL dispatch or combine, a hop of an
+    HT one (see :meth:`RingBackend.ll_dispatch`, :meth:`RingBackend.ht_dispatch`)."""
 
     def headers(self) -> tuple[list[int], torch.Tensor]:
-        raise NotImplementedError("the engine reads an LL dispatch's headers itself")
+        raise NotImplementedError("the engine reads this exchange's headers itself")
 
     def wait_headers(self) -> None:
         self.backend.wait(self.plan.op, self, lambda s: True if self.exchange.headers_arrived(s) else None)
 
     def receive(self, receives: list[Receive | None]) -> None:
-        raise NotImplementedError("the engine places an LL dispatch's rows itself")
+        raise NotImplementedError("the engine places this exchange's rows itself")
 
 
 class _StagedPending(PendingRows):
@@ -421,14 +423,14 @@ class RingBackend(CommBackend):
             self._ll_scopes[key] = scope
         return scope
 
-    def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _LLPending:
+    def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _EnginePending:
         _, _, ranks, exclude = self._ll_scope(masked)
         plan = Plan(op, "world", RowLayout([]), [], exclude=exclude, drop_dead=drop_dead)
-        return _LLPending(self, plan, exchange, ranks, list(range(self.topology.num_ranks)))
+        return _EnginePending(self, plan, exchange, ranks, list(range(self.topology.num_ranks)))
 
     def ll_dispatch(self, op: str, topk_idx: torch.Tensor, num_experts: int, masked: torch.Tensor,
                     shape: Sequence[int], columns: Sequence[torch.Tensor], layout: RowLayout,
-                    drop_dead: bool) -> tuple[native.LLRoute, _LLPending]:
+                    drop_dead: bool) -> tuple[native.LLRoute, _EnginePending]:
         """Start an LL dispatch in the engine: every token of ``topk_idx`` (int64 ``[tokens, topk]``)
         goes once to each rank owning experts it selected, as row ``token`` of ``columns``, the token
         index (int32, the layout's last column) and the list of that rank's experts; ranks ``masked``
@@ -451,7 +453,7 @@ class RingBackend(CommBackend):
         self.stats.record("world", int(wire.sum() - wire[self.topology.rank]), layout.row_bytes + 4 * topk_idx.size(1))
         return route, pending
 
-    def ll_receive(self, route: native.LLRoute, pending: _LLPending, layout: RowLayout,
+    def ll_receive(self, route: native.LLRoute, pending: _EnginePending, layout: RowLayout,
                    columns: Sequence[torch.Tensor], slots: int, layout_range: torch.Tensor,
                    expert_count: torch.Tensor) -> frozenset[int]:
         """Complete an LL dispatch: once the headers arrived, scatter every row expert-major into
@@ -473,7 +475,7 @@ class RingBackend(CommBackend):
         return pending.dropped
 
     def ll_combine(self, op: str, route: native.LLRoute, expert_out: torch.Tensor, topk_weights: torch.Tensor,
-                   acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool) -> _LLPending:
+                   acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool) -> _EnginePending:
         """Start the combine of an LL dispatch received with ``route``: rows of ``expert_out``
         (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
         ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`)."""
@@ -486,6 +488,80 @@ class RingBackend(CommBackend):
         exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights, acc_fields,
                                                           touched, mask, drop_dead, [expert_out, acc, mask]))
         return self._ll_pending(op, masked, drop_dead, exchange)
+
+    # ------------------------------------------------------------------ HT, run by the engine
+    def native_ht(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def _ht_wait(self, op: str, scope: str, exchange: native.Exchange | None,
+                 headers_then: Callable[[], T] | None = None) -> T | None:
+        """Wait for one hop's exchange (if any): for its headers first and run ``headers_then``
+        when given, then for its rows; free it."""
+        if exchange is None:
+            return None
+        ranks = self.scope_ranks(scope)
+        pending = _EnginePending(self, Plan(op, scope, RowLayout([]), []), exchange, list(range(len(ranks))), ranks)
+        result = None
+        if headers_then is not None:
+            pending.wait_headers()
+            result = self.guarded(op, headers_then)
+        pending.wait()  # frees the exchange
+        return result
+
+    def ht_dispatch(self, op: str, columns: Sequence[torch.Tensor], is_token_in_rank: torch.Tensor | None,
+                    route: native.HTRoute | None) -> tuple[list[torch.Tensor], native.HTRoute]:
+        """Run an HT dispatch in the engine: each row of ``columns`` to every rank of its row of
+        ``is_token_in_rank`` (bool ``[tokens, ranks]``), network hop then node hop (see
+        :mod:`portep.ht`); with ``route`` (a cached dispatch), along that route instead. Returns
+        the received columns (grouped by source rank, source order kept) and the route."""
+        wire = [WireColumn(t.dtype, t.size(1)) for t in columns]
+        layout = RowLayout(wire)
+        fields = cached_fields(layout, columns, native.GATHER)
+        keep: list[Any] = list(columns)
+        if route is None:
+            per_node = self.topology.ranks_per_node
+            net = RowLayout([*wire, WireColumn(torch.bool, per_node)])  # the routing inside the node travels along
+            net_fields = cached_fields(net, [*columns, None], native.GATHER)
+            mask_field = net_fields.size - (2 if net.row_bytes > net.offsets[-1] + per_node else 1)
+            in_rank = is_token_in_rank.contiguous().view(torch.uint8)
+            route, exchange = self.guarded(op, lambda: native.HTRoute.dispatch(
+                self.engine, op, per_node, in_rank, net_fields, mask_field, keep))
+            self._ht_wait(op, "peers", exchange, lambda: route.hop_receive(exchange))
+            exchange = self.guarded(op, lambda: route.forward(op, fields, None, keep))
+            out: list[torch.Tensor] = []
+
+            def receive() -> None:
+                num_recv = route.node_rows(exchange)
+                out.extend(POOL.empty((num_recv, t.size(1)), t.dtype, t.device) for t in columns)
+                route.node_receive(exchange, cached_fields(layout, out, native.SCATTER), out)
+
+            self._ht_wait(op, "node", exchange, receive)
+        else:
+            self._ht_wait(op, "peers", self.guarded(op, lambda: route.cached(op, fields, keep)))
+            out = [POOL.empty((route.num_recv, t.size(1)), t.dtype, t.device) for t in columns]
+            out_fields = cached_fields(layout, out, native.SCATTER)
+            self._ht_wait(op, "node", self.guarded(op, lambda: route.forward(op, fields, out_fields, [*keep, *out])))
+        sizes = route.sizes()
+        self.stats.record("peers", int(sizes[route.NET_SENT]), layout.row_bytes + (self.topology.ranks_per_node
+                                                                                    if route is None else 0))
+        self.stats.record("node", int(sizes[route.NODE_SENT]), layout.row_bytes)
+        return out, route
+
+    def ht_combine(self, op: str, route: native.HTRoute, columns: Sequence[torch.Tensor],
+                   acc: Sequence[torch.Tensor], touched: torch.Tensor) -> None:
+        """Run the combine of an HT dispatch in the engine: the rows of ``columns`` (the dispatch's
+        output order) go back along the route and are summed, float32, into ``acc`` (rows: the
+        forwarded rows' partial sums, then this rank's tokens; ``touched`` as in :class:`Receive`)."""
+        layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns])
+        keep = [*columns, *acc]
+        acc_fields = cached_fields(layout, acc, native.REDUCE)
+        send = cached_fields(layout, columns, native.GATHER)
+        self._ht_wait(op, "node", self.guarded(op, lambda: route.combine_node(op, send, acc_fields, touched, keep)))
+        partial = cached_fields(layout, acc, native.GATHER)  # partial sums leave in the input's dtype
+        self._ht_wait(op, "peers", self.guarded(op, lambda: route.combine_net(op, partial, acc_fields, touched, keep)))
+        sizes = route.sizes()
+        self.stats.record("node", int(sizes[route.NODE_RECEIVED]), layout.row_bytes)
+        self.stats.record("peers", int(sizes[route.HOP_ROWS]), layout.row_bytes)
 
     def wait(self, op: str, pending: _RingPending, step: Callable[[float], T | None]) -> T:
         """Run ``step`` (one bounded engine wait) until it returns a result; between steps, fail on

@@ -136,6 +136,19 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_ll_combine", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_void_p,
              c_void_p, c_int, c_void_p, c_void_p, c_int, c_char_p)
     _declare(so, "pe_ll_free", None, c_void_p)
+    _declare(so, "pe_ht_dispatch", c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_int64, c_void_p, c_int, c_int,
+             c_int, POINTER(c_void_p), c_char_p)
+    _declare(so, "pe_ht_hop_receive", c_int, c_void_p, c_void_p, c_char_p)
+    _declare(so, "pe_ht_cached", c_int, c_void_p, c_char_p, c_void_p, c_int, c_int, POINTER(c_void_p), c_char_p)
+    _declare(so, "pe_ht_forward", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_int, c_char_p)
+    _declare(so, "pe_ht_node_rows", c_int64, c_void_p, c_void_p, c_char_p)
+    _declare(so, "pe_ht_node_receive", c_int, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
+    _declare(so, "pe_ht_combine_node", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p, c_int,
+             c_char_p)
+    _declare(so, "pe_ht_combine_net", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p, c_int,
+             c_char_p)
+    _declare(so, "pe_ht_sizes", None, c_void_p, c_void_p)
+    _declare(so, "pe_ht_free", None, c_void_p)
     for name in ("shm", "fabric", "verbs", "efa"):
         if hasattr(so, f"pe_transport_{name}"):
             _declare(so, f"pe_transport_{name}", c_void_p)
@@ -666,6 +679,99 @@ class LLRoute:
             _check(-1, err, self.engine.ptr)
         return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, topk_weights, weights, touched,
                                                     self])
+
+
+class HTRoute:
+    """An HT dispatch run by the engine (``pe_ht_t``): its network hop, then its node hop, with the
+    index maps built by the engine and kept for cached dispatches and combines. Made by :meth:`dispatch`;
+    each step returns the exchange it started (None where there is none: no network hop on one node)."""
+
+    NET_SENT, HOP_ROWS, NODE_SENT, NODE_RECEIVED = range(4)
+
+    def __init__(self, engine: Engine, ptr: int, per_node: int) -> None:
+        self.engine, self._ht, self.per_node = engine, ptr, per_node
+        self.nodes = engine.world // per_node
+        self._free = weakref.finalize(self, lib().pe_ht_free, ptr)
+        self.num_recv = -1
+
+    def _exchange(self, handle: int | None, npeers: int, ncounts: int, keep: list[Any]) -> Exchange | None:
+        return Exchange(self.engine, handle, npeers, ncounts, [*keep, self]) if handle else None
+
+    @classmethod
+    def dispatch(cls, engine: Engine, op: str, per_node: int, in_rank: Any, fields: np.ndarray, mask_field: int,
+                 keep: list[Any]) -> tuple[HTRoute, Exchange | None]:
+        """Route ``in_rank`` (uint8 CPU tensor ``[tokens, world]``) and start the network hop of
+        ``fields`` (gather fields, source row = token; field ``mask_field`` carries the routing)."""
+        err, x = _err(), c_void_p()
+        ptr = lib().pe_ht_dispatch(engine.ptr, op.encode(), per_node, in_rank.data_ptr(), in_rank.size(0),
+                                   fields.ctypes.data, fields.size, mask_field, 0, ctypes.byref(x), err)
+        if not ptr:
+            _check(-1, err, engine.ptr)
+        route = cls(engine, ptr, per_node)
+        return route, route._exchange(x.value, route.nodes, 0, [*keep, fields, in_rank])
+
+    def hop_receive(self, exchange: Exchange) -> None:
+        """Once the network hop's headers arrived: land its rows in the route's own buffer."""
+        err = _err()
+        _check(lib().pe_ht_hop_receive(self._ht, exchange._x, err), err, self.engine.ptr)
+
+    def cached(self, op: str, fields: np.ndarray, keep: list[Any]) -> Exchange | None:
+        """Start the network hop of a cached dispatch of ``fields`` along this route."""
+        err, x = _err(), c_void_p()
+        _check(lib().pe_ht_cached(self._ht, op.encode(), fields.ctypes.data, fields.size, 0, ctypes.byref(x), err),
+               err, self.engine.ptr)
+        return self._exchange(x.value, self.nodes, 0, [*keep, fields])
+
+    def forward(self, op: str, fields: np.ndarray, out_fields: np.ndarray | None, keep: list[Any]) -> Exchange:
+        """Start the node hop (``fields``: gather fields over the caller's tensors); with
+        ``out_fields`` (scatter fields, cached dispatch) its receive side too."""
+        err = _err()
+        handle = lib().pe_ht_forward(self._ht, op.encode(), fields.ctypes.data, fields.size,
+                                     None if out_fields is None else out_fields.ctypes.data,
+                                     0 if out_fields is None else out_fields.size, 0, err)
+        if not handle:
+            _check(-1, err, self.engine.ptr)
+        return self._exchange(handle, self.per_node, self.nodes, [*keep, fields, out_fields])
+
+    def node_rows(self, exchange: Exchange) -> int:
+        """Once the node hop's headers arrived: the rows this rank receives."""
+        err = _err()
+        self.num_recv = _check(lib().pe_ht_node_rows(self._ht, exchange._x, err), err, self.engine.ptr)
+        return self.num_recv
+
+    def node_receive(self, exchange: Exchange, fields: np.ndarray, keep: list[Any]) -> None:
+        """Then: scatter them (``fields``) into the output rows, grouped by source rank."""
+        err = _err()
+        exchange._keep.extend([*keep, fields])
+        _check(lib().pe_ht_node_receive(self._ht, exchange._x, fields.ctypes.data, fields.size, err), err,
+               self.engine.ptr)
+
+    def combine_node(self, op: str, send_fields: np.ndarray, acc_fields: np.ndarray, touched: Any,
+                     keep: list[Any]) -> Exchange:
+        """Start a combine's node hop (see ``pe_ht_combine_node``)."""
+        err = _err()
+        handle = lib().pe_ht_combine_node(self._ht, op.encode(), send_fields.ctypes.data, send_fields.size,
+                                          acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(), 0, err)
+        if not handle:
+            _check(-1, err, self.engine.ptr)
+        return self._exchange(handle, self.per_node, 0, [*keep, send_fields, acc_fields, touched])
+
+    def combine_net(self, op: str, send_fields: np.ndarray, acc_fields: np.ndarray, touched: Any,
+                    keep: list[Any]) -> Exchange | None:
+        """Start a combine's network hop (None on one node; see ``pe_ht_combine_net``)."""
+        err = _err()
+        handle = lib().pe_ht_combine_net(self._ht, op.encode(), send_fields.ctypes.data, send_fields.size,
+                                         acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(), 0, err)
+        if not handle and err.value:
+            _check(-1, err, self.engine.ptr)
+        return self._exchange(handle, self.nodes, 0, [*keep, send_fields, acc_fields, touched])
+
+    def sizes(self) -> np.ndarray:
+        """int64 ``[4]``: rows sent over the network, landed from it, sent to the node's other ranks
+        and received from them (indices ``NET_SENT`` ...)."""
+        out = np.zeros(4, dtype=np.int64)
+        lib().pe_ht_sizes(self._ht, out.ctypes.data)
+        return out
 
 
 def cast_f32(dst_ptr: int, dst_type: int, src_ptr: int, count: int) -> None:

@@ -18,6 +18,7 @@ network (in the input dtype), and the source adds the partial sums of every node
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,9 @@ class HTHandle:
     Attributes (rank-local):
         num_tokens: tokens this rank dispatched; hidden: their width.
         is_token_in_rank: `[num_tokens, num_ranks]` bool routing.
+        num_recv_tokens_per_expert_list: per local expert, rounded to ``expert_alignment``.
+        route: on a backend that runs HT itself (the ring backend on host tensors), the engine's
+            route, which holds every map below; otherwise None and the maps:
         net_index: per node, the tokens this rank sent there (empty for its own node).
         hop_first / hop_rows: per node, the first row and the number of rows of the network-hop
             rows that came from that node (``num_hop`` in all).
@@ -41,30 +45,30 @@ class HTHandle:
             came from node ``n`` (tokens of its own for its own node, network-hop rows otherwise).
         node_recv: int64 `[ranks_per_node, num_nodes]` rows received from local rank ``j`` that
             came from node ``n``; positions: per local rank, the output row of each of them.
-        num_recv_tokens_per_expert_list: per local expert, rounded to ``expert_alignment``.
     """
 
     buffer_id: int
     num_tokens: int
     hidden: int
     is_token_in_rank: torch.Tensor
-    net_index: list[torch.Tensor]
-    hop_first: list[int]
-    hop_rows: list[int]
-    node_sends: list[list[torch.Tensor]]
-    node_recv: torch.Tensor
-    positions: list[torch.Tensor]
     num_recv_tokens_per_expert_list: list[int]
+    route: Any = field(default=None, repr=False)
+    net_index: list[torch.Tensor] | None = field(default=None, repr=False)
+    hop_first: list[int] | None = None
+    hop_rows: list[int] | None = None
+    node_sends: list[list[torch.Tensor]] | None = field(default=None, repr=False)
+    node_recv: torch.Tensor | None = None
+    positions: list[torch.Tensor] | None = field(default=None, repr=False)
     # Where a combine reduces what comes back (node hop, then network hop), made by its first combine.
     combine_targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def num_recv(self) -> int:
-        return int(self.node_recv.sum())
+        return self.route.num_recv if self.route is not None else int(self.node_recv.sum())
 
     @property
     def num_hop(self) -> int:
-        return sum(self.hop_rows)
+        return int(self.route.sizes()[self.route.HOP_ROWS]) if self.route is not None else sum(self.hop_rows)
 
 
 @dataclass
@@ -122,6 +126,9 @@ def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor
     Returns the received tensors (grouped by source rank, source order kept) and the maps a handle
     keeps (see :class:`HTHandle`).
     """
+    if comm.native_ht(payload.x.device):
+        out, route = comm.ht_dispatch(op, payload.columns(), is_token_in_rank, None)
+        return dict(zip(payload.names(), out, strict=True)), dict(route=route)
     topo, kernels = comm.topology, kernels_for(payload.x.device)
     num_tokens, per_node, nodes, me = is_token_in_rank.size(0), topo.ranks_per_node, topo.num_nodes, topo.node
     by_node = is_token_in_rank.view(num_tokens, nodes, per_node)
@@ -165,6 +172,9 @@ def dispatch(comm: CommBackend, payload: Payload, is_token_in_rank: torch.Tensor
 def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: str = "dispatch") -> dict:
     """Dispatch new data along the routing of an earlier dispatch (counts known: no header waits)."""
     columns = payload.columns()
+    if handle.route is not None:
+        out, _ = comm.ht_dispatch(op, columns, None, handle.route)
+        return dict(zip(payload.names(), out, strict=True))
     hop, _, _, _ = _network_hop(comm, columns, None, handle.net_index, handle.hop_rows, op)
     me = comm.topology.node
     sends = [[Gather(columns if n == me else hop, index=idx) for n, idx in enumerate(segs) if idx.numel()]
@@ -199,6 +209,10 @@ def combine(
     if topk_weights is not None:
         acc.append(POOL.empty((rows, topk_weights.size(1)), torch.float32, x.device))
         columns.append(topk_weights)
+    if handle.route is not None:
+        comm.ht_combine(op, handle.route, columns, acc, touched)
+        result = [a[hop_total:] for a in acc]
+        return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:]
     wire = _wire(columns)
 
     if handle.combine_targets is None:  # accumulator rows: forwarded rows first, then this rank's tokens

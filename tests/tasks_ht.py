@@ -179,6 +179,9 @@ def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_no
     _check_internode(rank, "dispatch", delta, in_rank, ranks_per_node)
     assert isinstance(event, portep.EventOverlap)
     assert handle is not None
+    # The ring backend runs HT in its engine (the index maps included); the others run it as plans.
+    assert (handle.route is not None) == buffer.backend_name.startswith("ring"), (
+        f"rank {rank}: backend {buffer.backend_name} ran HT {'in' if handle.route else 'outside'} the engine")
 
     all_x, all_idx, all_w = gather(x), gather(topk_idx), gather(topk_weights)
     refs = [reference.ht_dispatch(all_x, all_idx, all_w, num_experts, r, expert_alignment)

@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include "pe_engine.h"
+
 // For a row-major [rows, cols] mask (one byte per entry): the row indices of the set entries,
 // ordered by (column, row), into `index` (at most rows * cols), and the count per column into
 // `counts` ([cols]). Returns the number of entries.
@@ -20,3 +22,60 @@ void pe_ht_positions(const int64_t *counts, int per_node, int nodes, int64_t *po
 // the weight there, or 0; `per_expert` ([local]) the selections per local expert.
 void pe_ht_local_routing(const int64_t *topk_idx, const float *weights, int64_t rows, int topk, int64_t first_expert,
                          int local, int64_t *local_idx, float *local_weights, int64_t *per_expert);
+
+// ---------------------------------------------------------------------------- on the engine
+// A high-throughput dispatch and its combine as engine exchanges, with every index map built
+// here: the network hop (each token once to each other node that needs it, to the rank with this
+// rank's local index there, with that node's slice of the routing), then the node hop (to each rank
+// of this node the rows it needs: this rank's own tokens straight from the caller's tensors, the
+// network-hop rows from where they landed). The routing is kept for cached dispatches and combines.
+// The caller waits on each exchange returned (between waits it checks its peers' liveness) and frees it.
+
+typedef struct pe_ht pe_ht_t;
+
+// Sizes of a routed dispatch (pe_ht_sizes).
+enum {
+  PE_HT_NET_SENT = 0,   // rows this rank sends over the network hop
+  PE_HT_HOP_ROWS = 1,   // network-hop rows that landed here
+  PE_HT_NODE_SENT = 2,  // node-hop rows this rank sends to the other ranks of its node
+  PE_HT_NODE_RECEIVED = 3,  // node-hop rows received from the other ranks of the node (once counted)
+  PE_HT_SIZES = 4,
+};
+
+// Route a dispatch: `in_rank` ([tokens, world] bytes, row-major: does token t go to rank r) on
+// nodes of `per_node` ranks. Starts the network hop, whose rows are `fields` (PE_GATHER, source
+// row = token), where field `mask_field` (per_node wire bytes) is replaced by the token's row of
+// `in_rank` for the destination node. `*x` is the network hop's exchange (NULL on a single node,
+// where there is none). NULL on error.
+pe_ht_t *pe_ht_dispatch(pe_engine_t *e, const char *op, int per_node, const uint8_t *in_rank, int64_t tokens,
+                        const pe_field_t *fields, int nfields, int mask_field, int flags, pe_exchange_t **x,
+                        char *err);
+// Once the network hop's headers arrived: where its rows land (kept by the route). 0, or -1.
+int pe_ht_hop_receive(pe_ht_t *ht, pe_exchange_t *x, char *err);
+// A cached dispatch along the route: the network hop of `fields` (PE_GATHER, no routing column),
+// with its receive side set. `*x` as for pe_ht_dispatch. 0, or -1.
+int pe_ht_cached(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields, int flags, pe_exchange_t **x,
+                 char *err);
+// Once the network hop completed: start the node hop of `fields` (PE_GATHER over the caller's
+// tensors, the same columns as the network hop without its routing). With `out_fields` (PE_SCATTER,
+// only once the route knows where rows land, i.e. for a cached dispatch), the receive side is set.
+pe_exchange_t *pe_ht_forward(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields,
+                             const pe_field_t *out_fields, int nout, int flags, char *err);
+// Once the node hop's headers arrived: the rows this rank receives (-1 on error: a peer whose
+// counts do not add up to its rows).
+int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err);
+// Then: where they go (`fields`: PE_SCATTER over the output rows, grouped by source rank). 0, or -1.
+int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, int nfields, char *err);
+// The combine's node hop: rows of the dispatch's output (`send_fields`, PE_GATHER) go back to the
+// rank that forwarded them, which reduces them (`acc_fields`, PE_REDUCE; `touched` as in pe_recv_t)
+// into accumulator rows: the network-hop rows' partial sums first, then this rank's tokens.
+pe_exchange_t *pe_ht_combine_node(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
+                                  const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err);
+// The combine's network hop: each partial sum goes back to its source (`send_fields` over the
+// accumulator), which reduces it into its token's row. NULL without error on a single node (check
+// `err[0]`).
+pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
+                                 const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err);
+// PE_HT_SIZES sizes (see the enum).
+void pe_ht_sizes(const pe_ht_t *ht, int64_t *sizes);
+void pe_ht_free(pe_ht_t *ht);
