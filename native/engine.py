@@ -471,7 +471,10 @@ SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"),
 SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
 RECV_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("weights", "<u8"), ("touched", "<u8"), ("first", "<i8"),
                        ("expect_rows", "<i8"), ("fanout", "<u8"), ("nfields", "<i4"), ("pad", "<i4")])
-assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize) == (48, 40, 24, 64)
+FANOUT_DTYPE = np.dtype([("list_offset", "<i4"), ("list_count", "<i4"), ("nkeys", "<i4"), ("pad", "<i4"),
+                         ("cursor", "<u8"), ("end", "<u8"), ("record", "<u8"), ("recorded", "<i8")])
+assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize,
+        FANOUT_DTYPE.itemsize) == (48, 40, 24, 64, 48)
 
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)

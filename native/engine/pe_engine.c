@@ -523,14 +523,16 @@ static int send_chunk(pe_engine_t *e, int pr) {
 static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
   if (r->fanout) {
-    const pe_fanout_t *f = (const pe_fanout_t *)(uintptr_t)r->fanout;
+    pe_fanout_t *f = (pe_fanout_t *)(uintptr_t)r->fanout;
     int64_t *cursor = (int64_t *)(uintptr_t)f->cursor;
     const int64_t *end = (const int64_t *)(uintptr_t)f->end;
+    int64_t *record = (int64_t *)(uintptr_t)f->record;
     for (int j = 0; j < f->list_count; ++j) {
       int32_t key;
       memcpy(&key, bytes + f->list_offset + 4 * j, sizeof key);
       if (key < 0) continue;
       if (key >= f->nkeys || cursor[key] >= end[key]) return -1;
+      if (record != NULL) record[f->recorded++] = cursor[key];
       pe_scatter_row(fields, r->nfields, cursor[key]++, 1.0f, 0, bytes);
     }
     return 0;
@@ -553,7 +555,26 @@ static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64
   const pe_recv_t *r = &x->recvs[m->index];
   int64_t row = (int64_t)(a / rb);
   uint64_t off = a % rb;
+  const int64_t *index = (const int64_t *)(uintptr_t)r->index;
+  const int runs = index != NULL && !r->fanout &&
+                   pe_fields_reduce_only((const pe_field_t *)(uintptr_t)r->fields, r->nfields);
   while (a < b) {
+    if (runs && off == 0) {  // whole rows reducing into one destination row: summed as one run
+      const int64_t whole = (int64_t)((b - a) / rb), dst = index[row];
+      int64_t n = 1;
+      while (n < whole && index[row + n] == dst) n++;
+      if (n > 1) {
+        const float *weights = (const float *)(uintptr_t)r->weights;
+        uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
+        pe_reduce_rows((const pe_field_t *)(uintptr_t)r->fields, r->nfields, dst, weights ? weights + row : NULL,
+                       touched ? !touched[dst] : 0, src, (int64_t)rb, n);
+        if (touched) touched[dst] = 1;
+        src += (uint64_t)n * rb;
+        a += (uint64_t)n * rb;
+        row += n;
+        continue;
+      }
+    }
     uint64_t take = rb - off < b - a ? rb - off : b - a;
     const uint8_t *bytes = src;
     if (off != 0 || take != rb) {  // a row that straddles two chunks: assembled, then applied

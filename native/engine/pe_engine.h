@@ -79,18 +79,24 @@ typedef struct pe_send {
 // Rows that each go to several destination rows, named in the row itself (an LL dispatch sends a
 // token once per rank, with the rank's experts it selected): the row's `list_count` int32 at byte
 // `list_offset` are keys in [0, nkeys) or -1; for each key k the row is applied to destination
-// row cursor[k]++, which must stay below end[k].
+// row cursor[k]++, which must stay below end[k]. With `record`, each destination row is also
+// written to record[recorded++], in the order applied (row order, then list order): where the
+// rows went, in the order the sender listed them.
 typedef struct pe_fanout {
   int32_t list_offset;
   int32_t list_count;
   int32_t nkeys;
   int32_t pad;
-  uint64_t cursor;  // int64_t * [nkeys]
-  uint64_t end;     // const int64_t * [nkeys]
+  uint64_t cursor;   // int64_t * [nkeys]
+  uint64_t end;      // const int64_t * [nkeys]
+  uint64_t record;   // int64_t *, or 0
+  int64_t recorded;  // entries written to `record` so far
 } pe_fanout_t;
 
 // What to do with the rows from one peer: row i goes to destination row index[i] (or first + i),
-// or, with `fanout`, to the rows its list names.
+// or, with `fanout`, to the rows its list names. Consecutive rows that reduce into the same
+// destination row are summed block by block before the accumulator is touched (read and written
+// once per run instead of once per row; the same sums, in the same order).
 // `touched` (one byte per destination row, shared by every peer that reduces into the same rows)
 // spares the caller from zeroing the accumulators: the first row to reach a destination row is
 // stored (times its weight), later ones are added, and the byte is set.

@@ -76,10 +76,10 @@ struct pe_ll {
   int npeers;
   int32_t *peers;        // the exchange's ranks (unmasked ones, this rank included)
   pe_exchange_t *x;      // the dispatch's exchange
-  int64_t *token, *k;    // selections sent, by (rank, local expert, token)
+  int64_t *token, *k;    // selections sent, by (rank, token, k)
   int64_t *rank_first;   // [world + 1]: selections of rank r are [rank_first[r], rank_first[r + 1])
   int32_t *counts;       // [world * local]: selections per expert, then the header counts
-  int64_t *positions;    // rows received, by (source, local expert, token): their output row
+  int64_t *positions;    // rows received, by (source, token, k): their output row (recorded as they land)
   int64_t *source_first; // [world + 1]
   // The wire: each token once per rank it selected experts of, with the list of those experts.
   int64_t *wire_token;   // tokens sent, by (rank, token)
@@ -157,6 +157,21 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
     for (int j = 0; j < ll->local; ++j) n += ll->counts[r * ll->local + j];
     ll->rank_first[r + 1] = ll->rank_first[r] + n;
   }
+  // Each rank's selections by (token, k) instead: the order its rows come back in the combine, so
+  // that a token's rows from one rank arrive together and are summed as one run.
+  int64_t *next = malloc((size_t)world * sizeof *next);
+  if (next == NULL) goto oom;
+  memcpy(next, ll->rank_first, (size_t)world * sizeof *next);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int j = 0; j < topk; ++j) {
+      const int64_t ex = topk_idx[t * topk + j];
+      if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
+      const int64_t at = next[ex / ll->local]++;
+      ll->token[at] = t;
+      ll->k[at] = j;
+    }
+  }
+  free(next);
   // The wire: a token goes once to each rank it selected experts of, followed by the list of them.
   // Only the lists of the (rank, token) pairs on the wire are written: the work is per selection,
   // whatever the number of ranks.
@@ -322,8 +337,12 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
       cursor[j] = (int64_t)j * slots + (range >> 32);
       end[j] = cursor[j] + (range & 0xffffffff);
     }
+    // The placement by (expert, token) fills `positions` first (every entry a valid row, should a
+    // peer drop out midway); the fan-out then records each row's place as it lands, in the order
+    // the source listed them: (token, k), the order of its selections in the combine.
     ll->fanout[i] = (pe_fanout_t){.list_offset = list_offset, .list_count = ll->topk, .nkeys = ll->local,
-                                  .cursor = (uint64_t)(uintptr_t)cursor, .end = (uint64_t)(uintptr_t)end};
+                                  .cursor = (uint64_t)(uintptr_t)cursor, .end = (uint64_t)(uintptr_t)end,
+                                  .record = (uint64_t)(uintptr_t)(ll->positions + ll->source_first[r])};
     recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)wire_fields, .expect_rows = -1,
                            .fanout = (uint64_t)(uintptr_t)&ll->fanout[i], .nfields = nfields + 1};
     if (ignore != NULL && ignore[r]) recvs[i].expect_rows = 0;  // masked or dropped: no rows

@@ -257,9 +257,52 @@ void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float 
   }
 }
 
+int pe_fields_reduce_only(const pe_field_t *fields, int nfields) {
+  for (int i = 0; i < nfields; ++i)
+    if (fields[i].kind != PE_REDUCE && fields[i].kind != PE_SKIP) return 0;
+  return 1;
+}
+
+#define RUN_BLOCK 512  // float32 accumulator elements summed at a time (2 KiB: stays in L1)
+
+// acc[0, n) (+)= sum over rows r of w[r] * bf16 row r (rows `stride` bytes apart), in row order.
+PE_WIDE static void reduce_run_bf16(float *restrict acc, const uint8_t *restrict src, int64_t stride,
+                                    const float *restrict w, int64_t nrows, int store, int64_t n) {
+  float sum[RUN_BLOCK];
+  for (int64_t c = 0; c < n; c += RUN_BLOCK) {
+    const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;
+    const uint16_t *first = (const uint16_t *)src + c;
+    const float w0 = w ? w[0] : 1.0f;
+    if (store) {
+      for (int64_t i = 0; i < m; ++i) sum[i] = w0 * bf16_to_f32(first[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) sum[i] = acc[c + i] + w0 * bf16_to_f32(first[i]);
+    }
+    for (int64_t r = 1; r < nrows; ++r) {
+      const uint16_t *row = (const uint16_t *)(src + r * stride) + c;
+      const float wr = w ? w[r] : 1.0f;
+      for (int64_t i = 0; i < m; ++i) sum[i] += wr * bf16_to_f32(row[i]);
+    }
+    memcpy(acc + c, sum, (size_t)m * sizeof(float));
+  }
+}
+
+void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows) {
+  int64_t offset = 0;
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    if (f->kind == PE_REDUCE && f->wire_type == PE_BF16) {
+      reduce_run_bf16((float *)row_at(f, index), src + offset, row_bytes, weights, nrows, store, f->count);
+    } else if (f->kind == PE_REDUCE) {  // other wire types: row by row
+      for (int64_t r = 0; r < nrows; ++r)
+        pe_scatter_row(f, 1, index, weights ? weights[r] : 1.0f, store && r == 0, src + r * row_bytes + offset);
+    }
+    offset += (int64_t)f->count * pe_type_size(f->wire_type);
+  }
+}
+
 // ------------------------------------------------------------------------------------ FP8 cast
-// float -> e4m3fn with round-to-nearest-even, as c10's fp8e4m3fn_from_fp32_value: magnitudes from
-// 480 up become NaN (0x7f), the smallest ones subnormals.
 // float -> e4m3fn with round-to-nearest-even, as c10's fp8e4m3fn_from_fp32_value: magnitudes from
 // 480 up become NaN (0x7f), the smallest ones subnormals. Branch-free (masks instead of tests) so
 // that the loops over a group vectorize.

@@ -17,6 +17,14 @@ void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t
 // `store`: the row's first contribution, written instead of added).
 void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
                     const uint8_t *src);
+// Whether every field reduces (or skips): rows that only reduce can be summed as runs.
+int pe_fields_reduce_only(const pe_field_t *fields, int nfields);
+// Reduce `nrows` rows of wire bytes (at `src`, `row_bytes` apart), weighted by weights[i] (or 1),
+// into destination row `index`, as pe_scatter_row on each in turn would (`store` for the first)
+// and with the same result, but with the accumulator read and written once: the rows are summed
+// block by block in a small buffer first.
+void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows);
 
 // The end of a sum of `rows` rows of `width`: dst row r = acc row r where touched[r], else zeros
 // (a row no copy reached), in dst_type (BF16, F16 or F32).
