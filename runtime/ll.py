@@ -213,10 +213,15 @@ class LLCombine:
         self.kernels = kernels = kernels_for(expert_out.device)
         masked = masked.to(expert_out.device)
         dispatch = getattr(handle, "dispatch", None)
-        same = dispatch is not None and dispatch.done and torch.equal(masked, dispatch.masked) and (
+        same_routing = dispatch is not None and dispatch.done and (
             topk_idx is dispatch.topk_idx and topk_idx._version == dispatch.topk_version
             or torch.equal(topk_idx, dispatch.topk_idx))
-        self.native = same and dispatch.route is not None and not use_logfmt and comm.native_ll(expert_out.device)
+        same = same_routing and torch.equal(masked, dispatch.masked)
+        # After an engine dispatch every rank combines in the engine, whatever its view of the mask
+        # (ranks masked since are left out there): ranks that see a death at different moments
+        # must still agree on the order the rows come back in.
+        self.native = same_routing and dispatch.route is not None and not use_logfmt and \
+            comm.native_ll(expert_out.device)
         if self.native:  # the engine reuses the dispatch's routing and placement
             self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
             self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
