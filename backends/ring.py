@@ -191,7 +191,7 @@ def _recvs(layout: RowLayout, receives: Sequence[Receive | None], scope_indices:
             keep.append(receive.touched)
             touched = receive.touched.data_ptr()
         entries.append((fields, _index(receive.index, keep), weights, touched, receive.first,
-                        -1 if rows is None else rows, 0, nfields, 0))
+                        -1 if rows is None else rows, 0, nfields, 0, 0))
     return np.array(entries, dtype=native.RECV_DTYPE)
 
 
@@ -475,18 +475,23 @@ class RingBackend(CommBackend):
         return pending.dropped
 
     def ll_combine(self, op: str, route: native.LLRoute, expert_out: torch.Tensor, topk_weights: torch.Tensor,
-                   acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool) -> _EnginePending:
+                   acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool,
+                   out: torch.Tensor | None = None) -> _EnginePending:
         """Start the combine of an LL dispatch received with ``route``: rows of ``expert_out``
         (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
-        ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`)."""
+        ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`); with ``out``
+        (``[tokens, hidden]`` in expert_out's dtype), a token's last row writes its sum there
+        (``touched`` 2)."""
         layout = RowLayout([WireColumn(expert_out.dtype, expert_out.size(2))])
         send_fields = cached_fields(layout, [expert_out], native.GATHER)
         acc_fields = cached_fields(layout, [acc], native.REDUCE)
+        final_fields = None if out is None else cached_fields(layout, [out], native.SCATTER)
         weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
         topk_weights = topk_weights.to(torch.float32).contiguous()
         mask, npeers, _, _ = self._ll_scope(masked)
         exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights, acc_fields,
-                                                          touched, mask, drop_dead, [expert_out, acc, mask]))
+                                                          touched, mask, drop_dead, [expert_out, acc, mask, out],
+                                                          final_fields))
         return self._ll_pending(op, masked, drop_dead, exchange)
 
     # ------------------------------------------------------------------ HT, run by the engine
@@ -548,17 +553,25 @@ class RingBackend(CommBackend):
         return out, route
 
     def ht_combine(self, op: str, route: native.HTRoute, columns: Sequence[torch.Tensor],
-                   acc: Sequence[torch.Tensor], touched: torch.Tensor) -> None:
+                   acc: Sequence[torch.Tensor], touched: torch.Tensor,
+                   final: Sequence[torch.Tensor] | None = None) -> None:
         """Run the combine of an HT dispatch in the engine: the rows of ``columns`` (the dispatch's
         output order) go back along the route and are summed, float32, into ``acc`` (rows: the
-        forwarded rows' partial sums, then this rank's tokens; ``touched`` as in :class:`Receive`)."""
+        forwarded rows' partial sums, then this rank's tokens; ``touched`` as in :class:`Receive`).
+        With ``final`` (tensors like ``acc`` in the columns' dtypes), a row's last copy writes its
+        sum there instead (``touched`` 2): the partial sums leave from there, and this rank's rows
+        need no cast afterwards."""
         layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns])
-        keep = [*columns, *acc]
+        keep = [*columns, *acc, *(final or [])]
         acc_fields = cached_fields(layout, acc, native.REDUCE)
         send = cached_fields(layout, columns, native.GATHER)
-        self._ht_wait(op, "node", self.guarded(op, lambda: route.combine_node(op, send, acc_fields, touched, keep)))
-        partial = cached_fields(layout, acc, native.GATHER)  # partial sums leave in the input's dtype
-        self._ht_wait(op, "peers", self.guarded(op, lambda: route.combine_net(op, partial, acc_fields, touched, keep)))
+        final_fields = None if final is None else cached_fields(layout, final, native.SCATTER)
+        self._ht_wait(op, "node", self.guarded(op, lambda: route.combine_node(op, send, acc_fields, touched,
+                                                                             final_fields, keep)))
+        # the partial sums leave in the input's dtype: final already, or cast from the accumulator
+        partial = cached_fields(layout, final if final is not None else acc, native.GATHER)
+        self._ht_wait(op, "peers", self.guarded(op, lambda: route.combine_net(op, partial, acc_fields, touched,
+                                                                             final_fields, keep)))
         sizes = route.sizes()
         self.stats.record("node", int(sizes[route.NODE_RECEIVED]), layout.row_bytes)
         self.stats.record("peers", int(sizes[route.HOP_ROWS]), layout.row_bytes)

@@ -418,13 +418,21 @@ def reduce_rows(values: torch.Tensor, index: torch.Tensor, num_out: int,
 def finish_sum(acc: torch.Tensor, touched: torch.Tensor | None, out: torch.Tensor,
                biases: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """``out = acc + sum(biases)`` in ``out``'s dtype, where ``acc`` is a float32 `[N, W]` sum whose
-    rows with ``touched == 0`` were never written (they count as zeros). ``acc`` is overwritten."""
+    rows with ``touched == 0`` were never written (they count as zeros) and rows with ``touched == 2``
+    are final in ``out`` already (written by the engine; only without biases). ``acc`` is overwritten."""
     fast = acc.is_cpu and out.is_cpu and acc.is_contiguous() and out.is_contiguous() and out.dtype in _CAST_TYPES
     if fast and touched is not None and not biases and acc.dim() == 2 and touched.is_contiguous():
         from .engine import finish_rows
 
         finish_rows(out.data_ptr(), _CAST_TYPES[out.dtype], acc.data_ptr(), touched.data_ptr(), acc.size(0),
                     acc.size(1))
+        return out
+    if touched is not None and bool((touched == 2).any()):
+        if biases:
+            raise ValueError("finish_sum: rows already final cannot take a bias")
+        rows = (touched == 1).nonzero().flatten()
+        out[rows] = acc[rows].to(out.dtype)
+        out[(touched == 0).nonzero().flatten()] = 0
         return out
     if touched is not None:
         untouched = (touched == 0).nonzero().flatten()

@@ -134,7 +134,7 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_ll_dispatch_recv", c_int, c_void_p, c_void_p, c_int, c_int64, c_void_p, c_void_p, c_void_p,
              i32p, c_char_p)
     _declare(so, "pe_ll_combine", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_void_p,
-             c_void_p, c_int, c_void_p, c_void_p, c_int, c_char_p)
+             c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
     _declare(so, "pe_ll_free", None, c_void_p)
     _declare(so, "pe_ht_dispatch", c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_int64, c_void_p, c_int, c_int,
              c_int, POINTER(c_void_p), c_char_p)
@@ -143,10 +143,10 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_ht_forward", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ht_node_rows", c_int64, c_void_p, c_void_p, c_char_p)
     _declare(so, "pe_ht_node_receive", c_int, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
-    _declare(so, "pe_ht_combine_node", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p, c_int,
-             c_char_p)
-    _declare(so, "pe_ht_combine_net", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p, c_int,
-             c_char_p)
+    _declare(so, "pe_ht_combine_node", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p,
+             c_void_p, c_int, c_int, c_char_p)
+    _declare(so, "pe_ht_combine_net", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p,
+             c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ht_sizes", None, c_void_p, c_void_p)
     _declare(so, "pe_ht_free", None, c_void_p)
     for name in ("shm", "fabric", "verbs", "efa"):
@@ -470,11 +470,13 @@ SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"),
                           ("nfields", "<i4"), ("pad", "<i4")])
 SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
 RECV_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("weights", "<u8"), ("touched", "<u8"), ("first", "<i8"),
-                       ("expect_rows", "<i8"), ("fanout", "<u8"), ("nfields", "<i4"), ("pad", "<i4")])
+                       ("expect_rows", "<i8"), ("fanout", "<u8"), ("nfields", "<i4"), ("pad", "<i4"),
+                       ("final", "<u8")])
 FANOUT_DTYPE = np.dtype([("list_offset", "<i4"), ("list_count", "<i4"), ("nkeys", "<i4"), ("pad", "<i4"),
                          ("cursor", "<u8"), ("end", "<u8"), ("record", "<u8"), ("recorded", "<i8")])
+FINAL_DTYPE = np.dtype([("remaining", "<u8"), ("fields", "<u8"), ("nfields", "<i4"), ("pad", "<i4")])
 assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize,
-        FANOUT_DTYPE.itemsize) == (48, 40, 24, 64, 48)
+        FANOUT_DTYPE.itemsize, FINAL_DTYPE.itemsize) == (48, 40, 24, 72, 48, 24)
 
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)
@@ -623,6 +625,7 @@ class LLRoute:
 
     def __init__(self, engine: Engine, ptr: int) -> None:
         self.engine, self._ll = engine, ptr
+        self.tokens = 0  # the dispatch's tokens
         self._free = weakref.finalize(self, lib().pe_ll_free, ptr)
         self._send_counts: np.ndarray | None = None
 
@@ -641,6 +644,7 @@ class LLRoute:
         if not ptr:
             _check(-1, err, engine.ptr)
         route = cls(engine, ptr)
+        route.tokens = tokens
         return route, Exchange(engine, lib().pe_ll_exchange(ptr), npeers, 0, [*keep, fields, shape, route])
 
     def send_counts(self) -> np.ndarray:
@@ -670,18 +674,32 @@ class LLRoute:
         exchange._keep.extend([*keep, fields])
 
     def combine(self, op: str, npeers: int, send_fields: np.ndarray, topk_weights: Any, weights: Any,
-                acc_fields: np.ndarray, touched: Any, masked: Any, drop_dead: bool, keep: list[Any]) -> Exchange:
-        """Start the combine of this (received) dispatch (see ``pe_ll_combine``)."""
+                acc_fields: np.ndarray, touched: Any, masked: Any, drop_dead: bool, keep: list[Any],
+                final_fields: np.ndarray | None = None) -> Exchange:
+        """Start the combine of this (received) dispatch (see ``pe_ll_combine``); with
+        ``final_fields`` (scatter fields over the result rows), each token's last row writes its
+        sum there."""
         err = _err()
+        final = None
+        if final_fields is not None:
+            remaining = np.empty(max(self.tokens, 1), dtype=np.int32)
+            final = np.zeros(1, dtype=FINAL_DTYPE)
+            final[0] = (remaining.ctypes.data, final_fields.ctypes.data, final_fields.size, 0)
+            keep = [*keep, remaining, final, final_fields]
         handle = lib().pe_ll_combine(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
                                      send_fields.size, topk_weights.data_ptr(), weights.data_ptr(),
                                      acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
-                                     masked.data_ptr() if masked is not None else None, DROP_DEAD if drop_dead else 0,
+                                     masked.data_ptr() if masked is not None else None,
+                                     final.ctypes.data if final is not None else None, DROP_DEAD if drop_dead else 0,
                                      err)
         if not handle:
             _check(-1, err, self.engine.ptr)
         return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, topk_weights, weights, touched,
                                                     self])
+
+
+def _optional_fields(fields: np.ndarray | None) -> tuple[int | None, int]:
+    return (None, 0) if fields is None else (fields.ctypes.data, fields.size)
 
 
 class HTRoute:
@@ -750,24 +768,26 @@ class HTRoute:
                self.engine.ptr)
 
     def combine_node(self, op: str, send_fields: np.ndarray, acc_fields: np.ndarray, touched: Any,
-                     keep: list[Any]) -> Exchange:
+                     final_fields: np.ndarray | None, keep: list[Any]) -> Exchange:
         """Start a combine's node hop (see ``pe_ht_combine_node``)."""
         err = _err()
         handle = lib().pe_ht_combine_node(self._ht, op.encode(), send_fields.ctypes.data, send_fields.size,
-                                          acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(), 0, err)
+                                          acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
+                                          *_optional_fields(final_fields), 0, err)
         if not handle:
             _check(-1, err, self.engine.ptr)
-        return self._exchange(handle, self.per_node, 0, [*keep, send_fields, acc_fields, touched])
+        return self._exchange(handle, self.per_node, 0, [*keep, send_fields, acc_fields, touched, final_fields])
 
     def combine_net(self, op: str, send_fields: np.ndarray, acc_fields: np.ndarray, touched: Any,
-                    keep: list[Any]) -> Exchange | None:
+                    final_fields: np.ndarray | None, keep: list[Any]) -> Exchange | None:
         """Start a combine's network hop (None on one node; see ``pe_ht_combine_net``)."""
         err = _err()
         handle = lib().pe_ht_combine_net(self._ht, op.encode(), send_fields.ctypes.data, send_fields.size,
-                                         acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(), 0, err)
+                                         acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
+                                         *_optional_fields(final_fields), 0, err)
         if not handle and err.value:
             _check(-1, err, self.engine.ptr)
-        return self._exchange(handle, self.nodes, 0, [*keep, send_fields, acc_fields, touched])
+        return self._exchange(handle, self.nodes, 0, [*keep, send_fields, acc_fields, touched, final_fields])
 
     def sizes(self) -> np.ndarray:
         """int64 ``[4]``: rows sent over the network, landed from it, sent to the node's other ranks

@@ -397,10 +397,12 @@ class Buffer:
         for i, b in enumerate(biases):
             check.check_tensor(op, f"bias[{i}]", b, check.FLOAT_DTYPES, (handle.num_tokens, handle.hidden))
 
-        summed, weights, touched = ht.combine(self._backend, handle, x, topk_weights, op)
-        combined = cpu.finish_sum(summed, touched, POOL.empty(summed.shape, x.dtype, x.device), biases)
+        # Without a bias the engine may write each finished sum straight into the outputs.
+        summed, weights, touched, outputs = ht.combine(self._backend, handle, x, topk_weights, op, finals=not biases)
+        combined = cpu.finish_sum(summed, touched, outputs[0] if outputs else POOL.empty(summed.shape, x.dtype,
+                                                                                          x.device), biases)
         if weights is not None:
-            weights = cpu.finish_sum(weights, touched, torch.empty_like(weights))
+            weights = cpu.finish_sum(weights, touched, outputs[1] if outputs else torch.empty_like(weights))
         return combined, weights, _event(async_finish, combined, weights)
 
     # ------------------------------------------------------------------ LL mode
@@ -573,10 +575,10 @@ class Buffer:
         layout = self._ll_layout(op, num_max_tokens, hidden, num_experts)
         source = layout.combine_send_view(self._rdma_buffer, self._ll_half) if zero_copy else x
 
-        call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,
-                            drop_dead=self.enable_shrink)
-        self._flip_half()
         result = out if out is not None else POOL.empty((num_tokens, hidden), torch.bfloat16, self.device)
+        call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,
+                            drop_dead=self.enable_shrink, out=result)
+        self._flip_half()
 
         def hook() -> None:
             call.recv(result, combine_wait_recv_cost_stats)

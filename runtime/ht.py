@@ -186,17 +186,21 @@ def cached_dispatch(comm: CommBackend, payload: Payload, handle: HTHandle, op: s
 
 
 def combine(
-    comm: CommBackend, handle: HTHandle, x: torch.Tensor, topk_weights: torch.Tensor | None, op: str = "combine"
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    comm: CommBackend, handle: HTHandle, x: torch.Tensor, topk_weights: torch.Tensor | None, op: str = "combine",
+    finals: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor] | None]:
     """Sum the copies of each token back at its source.
 
     Arguments:
         x: `[num_recv (or more, padding ignored), hidden]` expert outputs in dispatch order.
         topk_weights: optional `[num_recv, num_topk]` float32, summed the same way.
+        finals: let a backend that runs HT itself write each sum, once complete, straight into
+            output tensors in x's (and the weights') dtype.
 
-    Returns float32 sums `[num_tokens, hidden]` and `[num_tokens, num_topk]` (or None), and which
-    tokens got any copy (uint8 `[num_tokens]`: the sums of the others are not written; treat them
-    as zeros).
+    Returns float32 sums `[num_tokens, hidden]` and `[num_tokens, num_topk]` (or None), which tokens
+    got any copy (uint8 `[num_tokens]`: the sums of the others are not written; treat them as
+    zeros; 2: the sum is final in the outputs), and those outputs (None if the backend made none;
+    see :func:`portep.native.cpu.finish_sum`).
     """
     topo = comm.topology
     me, hop_total, num_tokens = topo.node, handle.num_hop, handle.num_tokens
@@ -210,9 +214,11 @@ def combine(
         acc.append(POOL.empty((rows, topk_weights.size(1)), torch.float32, x.device))
         columns.append(topk_weights)
     if handle.route is not None:
-        comm.ht_combine(op, handle.route, columns, acc, touched)
+        final = [POOL.empty((rows, c.size(1)), c.dtype, x.device) for c in columns] if finals else None
+        comm.ht_combine(op, handle.route, columns, acc, touched, final)
         result = [a[hop_total:] for a in acc]
-        return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:]
+        outputs = None if final is None else [f[hop_total:] for f in final]
+        return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:], outputs
     wire = _wire(columns)
 
     if handle.combine_targets is None:  # accumulator rows: forwarded rows first, then this rank's tokens
@@ -234,4 +240,4 @@ def combine(
     receives = [Receive(acc, index=idx, reduce=True, touched=touched, rows=idx.numel()) for idx in net_targets]
     comm.run(Plan(op, "peers", RowLayout(wire), sends, receives=receives))
     result = [a[hop_total:] for a in acc]
-    return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:]
+    return result[0], (result[1] if topk_weights is not None else None), touched[hop_total:], None

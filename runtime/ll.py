@@ -205,8 +205,11 @@ class LLCombine:
 
     def __init__(self, comm: CommBackend, expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  handle: LowLatencyHandle, use_logfmt: bool, masked: torch.Tensor,
-                 op: str = "low_latency_combine", drop_dead: bool = False) -> None:
+                 op: str = "low_latency_combine", drop_dead: bool = False, out: torch.Tensor | None = None) -> None:
+        """``out``: where :meth:`recv` will write the result, if known now (a backend that runs LL
+        itself then writes each token's sum there as soon as it is complete)."""
         self.comm, self.op = comm, op
+        self.final_out: torch.Tensor | None = None
         num_ranks = comm.topology.num_ranks
         _, layout_range, _, hidden, num_experts = handle
         self.hidden, self.num_tokens, self.use_logfmt = hidden, topk_idx.size(0), use_logfmt
@@ -226,8 +229,9 @@ class LLCombine:
             self.acc = POOL.empty((self.num_tokens, hidden), torch.float32, expert_out.device)
             self.touched = torch.zeros(self.num_tokens, dtype=torch.uint8, device=expert_out.device)
             self.route, self.masked = dispatch.route, masked
+            self.final_out = out
             self.pending = comm.ll_combine(op, dispatch.route, expert_out, topk_weights, self.acc, self.touched, masked,
-                                           drop_dead)
+                                           drop_dead, out)
             self.done = False
             return
         if same and dispatch.recv_rows is not None:
@@ -294,8 +298,11 @@ class LLCombine:
                     self.acc[token[self.touched[token] == 0]] = 0
                     self.acc.index_add_(0, token, values)
                     self.touched[token] = 1
-        result = out if out is not None else POOL.empty((self.num_tokens, self.hidden), torch.bfloat16,
-                                                        self.acc.device)
+        final_out = self.final_out
+        if final_out is not None and out is not None and out is not final_out:
+            raise ValueError(f"{self.op}: recv(out) must be given the tensor the combine was started with")
+        result = out if out is not None else final_out if final_out is not None else \
+            POOL.empty((self.num_tokens, self.hidden), torch.bfloat16, self.acc.device)
         finish_sum(self.acc, self.touched, result)
         if wait_cost_stats is not None:
             received = torch.from_numpy(self.route.send_counts() > 0) & ~self.masked if self.native else \

@@ -53,7 +53,7 @@ def _exchange(engines: list[native.Engine], rows: np.ndarray, cursor: np.ndarray
     fanout[0] = (4 * WIDTH, LIST, len(cursor), 0, cursor.ctypes.data, end.ctypes.data,
                  0 if record is None else record.ctypes.data, 0)
     recvs1 = np.zeros(2, dtype=native.RECV_DTYPE)
-    recvs1[0] = (recv_fields.ctypes.data, 0, 0, 0, 0, -1, fanout.ctypes.data, 2, 0)
+    recvs1[0] = (recv_fields.ctypes.data, 0, 0, 0, 0, -1, fanout.ctypes.data, 2, 0, 0)
     recvs0 = np.zeros(2, dtype=native.RECV_DTYPE)
     recvs0[1]["expect_rows"] = 0
     keep += [send_fields, segment, recv_fields, fanout]
@@ -103,9 +103,10 @@ def _bf16(values: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+@pytest.mark.parametrize("final", [False, True], ids=["accumulated", "final"])
 @pytest.mark.parametrize("first_touch", [True, False], ids=["stored", "added"])
 def test_rows_reducing_into_one_row_are_summed_as_a_run_with_the_same_result(pair: list[native.Engine],
-                                                                            first_touch: bool) -> None:
+                                                                            first_touch: bool, final: bool) -> None:
     width = 700  # more than one block of the run sum, not a multiple of it
     gen = np.random.default_rng(5)
     targets = np.array([2, 2, 2, 0, 1, 1, 2, 0, 0, 0, 0], dtype=np.int64)  # runs of 3, 1, 2, 1, 4
@@ -114,6 +115,14 @@ def test_rows_reducing_into_one_row_are_summed_as_a_run_with_the_same_result(pai
     start = gen.standard_normal((3, width)).astype(np.float32)
     acc = start.copy()
     touched = np.zeros(3, dtype=np.uint8) if first_touch else np.ones(3, dtype=np.uint8)
+    # With a final spec: rows 0 and 2 get all their contributions (then their sum, cast to bf16,
+    # goes to `out`), row 1 expects one more than it gets (it stays in the accumulator).
+    remaining = (np.bincount(targets, minlength=3) + np.array([0, 1, 0])).astype(np.int32)
+    out = np.zeros((3, width), dtype=np.uint16)
+    out_fields = np.array([(out.ctypes.data, out.strides[0], 2, 0, 0, width, native.BF16, native.BF16, native.SCATTER,
+                            0)], dtype=native.FIELD_DTYPE)
+    final_spec = np.zeros(1, dtype=native.FINAL_DTYPE)
+    final_spec[0] = (remaining.ctypes.data, out_fields.ctypes.data, 1, 0)
     bf16_field = (rows.ctypes.data, rows.strides[0], 2, 0, 0, width, native.BF16, native.BF16, native.GATHER, 0)
     send_fields = np.array([bf16_field], dtype=native.FIELD_DTYPE)
     segment = np.array([(send_fields.ctypes.data, 0, 0, len(rows), 1, 0)], dtype=native.SEGMENT_DTYPE)
@@ -123,10 +132,11 @@ def test_rows_reducing_into_one_row_are_summed_as_a_run_with_the_same_result(pai
                              0)], dtype=native.FIELD_DTYPE)
     recvs1 = np.zeros(2, dtype=native.RECV_DTYPE)
     recvs1[0] = (recv_fields.ctypes.data, targets.ctypes.data, weights.ctypes.data, touched.ctypes.data, 0,
-                 len(rows), 0, 1, 0)
+                 len(rows), 0, 1, 0, final_spec.ctypes.data if final else 0)
     recvs0 = np.zeros(2, dtype=native.RECV_DTYPE)
     recvs0[1]["expect_rows"] = 0
-    keep = [rows, weights, acc, touched, targets, send_fields, segment, recv_fields]
+    keep = [rows, weights, acc, touched, targets, send_fields, segment, recv_fields, remaining, out, out_fields,
+            final_spec]
     peers = np.array([0, 1], dtype=np.int32)
     x0 = pair[0].start("runs", peers, sends0, 2 * width, 0, recvs0, False, keep)
     x0.push()
@@ -141,8 +151,13 @@ def test_rows_reducing_into_one_row_are_summed_as_a_run_with_the_same_result(pai
     for t, w, v in zip(targets, weights, values, strict=True):
         want[t] = w * v if not seen[t] else want[t] + w * v
         seen[t] = True
-    assert np.array_equal(acc, want)
-    assert touched.tolist() == [1, 1, 1]
+    if not final:
+        assert np.array_equal(acc, want)
+        assert touched.tolist() == [1, 1, 1]
+        return
+    assert np.array_equal(out[[0, 2]], _bf16(want[[0, 2]])), "final rows: the sum, cast once"
+    assert np.array_equal(acc[1], want[1]) and not out[1].any(), "an incomplete row stays in the accumulator"
+    assert touched.tolist() == [2, 1, 2] and remaining.tolist() == [0, 1, 0]
 
 
 @pytest.mark.parametrize("lists", [[(0, 0), (0, -1)], [(2, -1)]], ids=["past its end", "key out of range"])

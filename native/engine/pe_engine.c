@@ -275,6 +275,15 @@ static int copy_recvs(pe_exchange_t *x, const pe_recv_t *recvs, char *err) {
       free(copy);
       return -1;
     }
+    const pe_final_t *fin = (const pe_final_t *)(uintptr_t)recvs[i].final;
+    if (fin != NULL && (!recvs[i].index || !recvs[i].touched || recvs[i].fanout || fin->nfields != recvs[i].nfields ||
+                        !pe_fields_reduce_only(fields, recvs[i].nfields))) {
+      pe_err(err, "%s: a final spec needs reduce-only fields, an index, `touched` and one final field per field",
+             x->op);
+      for (int j = 0; j < i; ++j) free((void *)(uintptr_t)copy[j].fields);
+      free(copy);
+      return -1;
+    }
     copy[i].fields = (uint64_t)(uintptr_t)copy_of(fields, (size_t)recvs[i].nfields * sizeof *fields);
   }
   x->recvs = copy;
@@ -518,8 +527,28 @@ static int send_chunk(pe_engine_t *e, int pr) {
 }
 
 // ------------------------------------------------------------------------------ receiving
-// Apply received row `row` (its wire bytes) as `r` says; -1 if a fan-out row names a destination
-// it may not (a key out of range, or past its end).
+// Reduce `nrows` rows (wire bytes at `bytes`, `row_bytes` apart) into destination row `dst`, as
+// one run; with a final spec, the contribution that completes the row writes its final value. -1
+// if the row was already complete (more contributions than announced).
+static int reduce_run(const pe_recv_t *r, int64_t dst, const float *weights, const uint8_t *bytes,
+                      int64_t row_bytes, int64_t nrows) {
+  const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
+  uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
+  const pe_final_t *fin = (const pe_final_t *)(uintptr_t)r->final;
+  const pe_field_t *final = NULL;
+  if (fin != NULL) {
+    int32_t *remaining = (int32_t *)(uintptr_t)fin->remaining;
+    if (remaining[dst] < nrows) return -1;
+    remaining[dst] -= (int32_t)nrows;
+    if (remaining[dst] == 0) final = (const pe_field_t *)(uintptr_t)fin->fields;
+  }
+  pe_reduce_rows(fields, r->nfields, dst, weights, touched ? !touched[dst] : 0, bytes, row_bytes, nrows, final);
+  if (touched) touched[dst] = final != NULL ? 2 : 1;
+  return 0;
+}
+
+// Apply received row `row` (its wire bytes) as `r` says; -1 if it names a destination it may not
+// (a fan-out key out of range or past its end, a final row already complete).
 static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
   if (r->fanout) {
@@ -541,6 +570,7 @@ static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const float *weights = (const float *)(uintptr_t)r->weights;
   uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
   const int64_t dst = index ? index[row] : r->first + row;
+  if (r->final) return reduce_run(r, dst, weights ? weights + row : NULL, bytes, 0, 1);
   pe_scatter_row(fields, r->nfields, dst, weights ? weights[row] : 1.0f, touched ? !touched[dst] : 0, bytes);
   if (touched) touched[dst] = 1;
   return 0;
@@ -565,10 +595,11 @@ static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64
       while (n < whole && index[row + n] == dst) n++;
       if (n > 1) {
         const float *weights = (const float *)(uintptr_t)r->weights;
-        uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
-        pe_reduce_rows((const pe_field_t *)(uintptr_t)r->fields, r->nfields, dst, weights ? weights + row : NULL,
-                       touched ? !touched[dst] : 0, src, (int64_t)rb, n);
-        if (touched) touched[dst] = 1;
+        if (reduce_run(r, dst, weights ? weights + row : NULL, src, (int64_t)rb, n) != 0) {
+          pe_err(err, "%s: rows %lld.. from rank %d add more to a sum than were announced", x->op, (long long)row,
+                 pr);
+          return fail(e, PE_ERR_PROTOCOL, pr);
+        }
         src += (uint64_t)n * rb;
         a += (uint64_t)n * rb;
         row += n;

@@ -93,6 +93,20 @@ typedef struct pe_fanout {
   int64_t recorded;  // entries written to `record` so far
 } pe_fanout_t;
 
+// Where the sums of a reduce end (a combine, whose contributions per destination row are known):
+// remaining[row] counts the contributions still to come to destination row `row`; the one that
+// brings it to 0 writes (accumulator + its value), cast to each field's mem_type, into row `row`
+// of `fields` (one per field of the receive: PE_SCATTER over BF16/F16/F32 rows for the PE_REDUCE
+// fields, PE_SKIP for the others) instead of into the float32 accumulator, and sets
+// touched[row] = 2: that row is final, and its accumulator row stale. One pass less per row (no
+// separate cast at the end), and a half-width last write.
+typedef struct pe_final {
+  uint64_t remaining;  // int32_t * per destination row
+  uint64_t fields;     // const pe_field_t *
+  int32_t nfields;
+  int32_t pad;
+} pe_final_t;
+
 // What to do with the rows from one peer: row i goes to destination row index[i] (or first + i),
 // or, with `fanout`, to the rows its list names. Consecutive rows that reduce into the same
 // destination row are summed block by block before the accumulator is touched (read and written
@@ -110,6 +124,7 @@ typedef struct pe_recv {
   uint64_t fanout;      // const pe_fanout_t *, or 0
   int32_t nfields;
   int32_t pad;
+  uint64_t final;       // const pe_final_t *, or 0 (reduce-only fields, an index and `touched` required)
 } pe_recv_t;
 
 // exchange flags

@@ -66,13 +66,17 @@ struct pe_ht {
   int64_t *positions;    // their output rows
   int64_t *node_targets; // combine: the accumulator row of each node-hop row sent (made by the first combine)
   int64_t *net_targets;  // combine: the accumulator row of each token sent over the network
+  int32_t *contributions; // combine: copies each accumulator row sums (made by the first combine with finals)
+  int32_t *remaining;    // their countdown in the combine under way
+  pe_final_t final;      // that combine's final spec
+  int64_t tokens;
 };
 
 void pe_ht_free(pe_ht_t *ht) {
   if (ht == NULL) return;
   void *owned[] = {ht->net_peers, ht->node_peers, ht->net_index, ht->net_first, ht->own_index, ht->own_first,
                    ht->hop_first, ht->hop, ht->send_index, ht->send_first, ht->recv_first, ht->positions,
-                   ht->node_targets, ht->net_targets};
+                   ht->node_targets, ht->net_targets, ht->contributions, ht->remaining};
   for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]);
   free(ht);
 }
@@ -173,7 +177,7 @@ pe_ht_t *pe_ht_dispatch(pe_engine_t *e, const char *op, int per_node, const uint
     return NULL;
   }
   *ht = (pe_ht_t){.e = e, .rank = rank, .world = world, .per_node = per_node, .nodes = world / per_node,
-                  .node = rank / per_node, .local = rank % per_node};
+                  .node = rank / per_node, .local = rank % per_node, .tokens = tokens};
   const int nodes = ht->nodes, me = ht->node;
   ht->net_peers = malloc((size_t)nodes * sizeof *ht->net_peers);
   ht->node_peers = malloc((size_t)per_node * sizeof *ht->node_peers);
@@ -450,24 +454,52 @@ int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, 
   return rc;
 }
 
+// A combine's accumulator rows (the network-hop rows' partial sums first, then this rank's
+// tokens): of each node-hop row sent and of each token sent over the network (made once).
+static int ht_targets(pe_ht_t *ht) {
+  const int nodes = ht->nodes, me = ht->node, cells = ht_cells(ht);
+  const int64_t num_hop = ht->hop_first[nodes], sent = ht->net_first[nodes];
+  if (ht->node_targets != NULL) return 0;
+  ht->node_targets = ht_index(ht->send_first[cells]);
+  ht->net_targets = ht_index(sent);
+  if (ht->node_targets == NULL || ht->net_targets == NULL) return -1;
+  for (int c = 0; c < cells; ++c)
+    for (int64_t i = ht->send_first[c]; i < ht->send_first[c + 1]; ++i)
+      ht->node_targets[i] = ht->send_index[i] + (c % nodes == me ? num_hop : 0);
+  for (int64_t i = 0; i < sent; ++i) ht->net_targets[i] = ht->net_index[i] + num_hop;
+  return 0;
+}
+
+// A combine with finals: each accumulator row counts down the copies it sums (one per node-hop
+// row sent for it, one per node a token went to), from the route's counts.
+static int ht_final(pe_ht_t *ht, const pe_field_t *fields, int nfields) {
+  const int64_t rows = ht->hop_first[ht->nodes] + ht->tokens;
+  if (ht->contributions == NULL) {
+    ht->contributions = calloc((size_t)(rows > 0 ? rows : 1), sizeof *ht->contributions);
+    ht->remaining = malloc((size_t)(rows > 0 ? rows : 1) * sizeof *ht->remaining);
+    if (ht->contributions == NULL || ht->remaining == NULL) return -1;
+    for (int64_t i = 0; i < ht->send_first[ht_cells(ht)]; ++i) ht->contributions[ht->node_targets[i]]++;
+    for (int64_t i = 0; i < ht->net_first[ht->nodes]; ++i) ht->contributions[ht->net_targets[i]]++;
+  }
+  memcpy(ht->remaining, ht->contributions, (size_t)rows * sizeof *ht->remaining);
+  ht->final = (pe_final_t){.remaining = (uint64_t)(uintptr_t)ht->remaining,
+                           .fields = (uint64_t)(uintptr_t)fields, .nfields = nfields};
+  return 0;
+}
+
 pe_exchange_t *pe_ht_combine_node(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
-                                  const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err) {
-  const int per_node = ht->per_node, nodes = ht->nodes, me = ht->node, cells = ht_cells(ht);
+                                  const pe_field_t *acc_fields, int nacc, uint8_t *touched,
+                                  const pe_field_t *final_fields, int nfinal, int flags, char *err) {
+  const int per_node = ht->per_node, nodes = ht->nodes;
   if (ht->positions == NULL || ht->send_index == NULL) {
     pe_err(err, "%s: the dispatch's rows have not been received", op);
     pe_engine_fail(ht->e, PE_ERR_USAGE);
     return NULL;
   }
-  const int64_t num_hop = ht->hop_first[nodes];
-  if (ht->node_targets == NULL) {  // this rank's tokens come after the network-hop rows' partial sums
-    ht->node_targets = ht_index(ht->send_first[cells]);
-    if (ht->node_targets == NULL) {
-      ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-      return NULL;
-    }
-    for (int c = 0; c < cells; ++c)
-      for (int64_t i = ht->send_first[c]; i < ht->send_first[c + 1]; ++i)
-        ht->node_targets[i] = ht->send_index[i] + (c % nodes == me ? num_hop : 0);
+  if (ht->hop_first[nodes] + ht->tokens == 0) final_fields = NULL;  // no rows to sum
+  if (ht_targets(ht) != 0 || (final_fields != NULL && ht_final(ht, final_fields, nfinal) != 0)) {
+    ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+    return NULL;
   }
   pe_send_t *sends = calloc((size_t)per_node, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)per_node, sizeof *segs);
@@ -486,7 +518,8 @@ pe_exchange_t *pe_ht_combine_node(pe_ht_t *ht, const char *op, const pe_field_t 
     const int64_t sent = ht->send_first[j * nodes], sent_end = ht->send_first[(j + 1) * nodes];
     recvs[j] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
                            .index = (uint64_t)(uintptr_t)(ht->node_targets + sent),
-                           .touched = (uint64_t)(uintptr_t)touched, .expect_rows = sent_end - sent, .nfields = nacc};
+                           .touched = (uint64_t)(uintptr_t)touched, .expect_rows = sent_end - sent, .nfields = nacc,
+                           .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
   }
   x = ht_start(ht, op, per_node, ht->node_peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags,
                err);
@@ -498,19 +531,19 @@ done:
 }
 
 pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
-                                 const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err) {
+                                 const pe_field_t *acc_fields, int nacc, uint8_t *touched,
+                                 const pe_field_t *final_fields, int nfinal, int flags, char *err) {
   const int nodes = ht->nodes;
   err[0] = '\0';
   if (nodes == 1) return NULL;
-  const int64_t num_hop = ht->hop_first[nodes], sent = ht->net_first[nodes];
-  if (ht->net_targets == NULL) {
-    ht->net_targets = ht_index(sent);
-    if (ht->net_targets == NULL) {
-      ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-      return NULL;
-    }
-    for (int64_t i = 0; i < sent; ++i) ht->net_targets[i] = ht->net_index[i] + num_hop;
+  if (ht->hop_first[nodes] + ht->tokens == 0) final_fields = NULL;  // as in the node hop
+  if (ht->net_targets == NULL || (final_fields != NULL && ht->remaining == NULL)) {
+    pe_err(err, "%s: the combine's network hop before its node hop", op);
+    pe_engine_fail(ht->e, PE_ERR_USAGE);
+    return NULL;
   }
+  ht->final.fields = (uint64_t)(uintptr_t)final_fields;
+  ht->final.nfields = nfinal;
   pe_send_t *sends = calloc((size_t)nodes, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)nodes, sizeof *segs);
   pe_recv_t *recvs = calloc((size_t)nodes, sizeof *recvs);
@@ -526,7 +559,8 @@ pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *
     recvs[n] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
                            .index = (uint64_t)(uintptr_t)(ht->net_targets + ht->net_first[n]),
                            .touched = (uint64_t)(uintptr_t)touched,
-                           .expect_rows = ht->net_first[n + 1] - ht->net_first[n], .nfields = nacc};
+                           .expect_rows = ht->net_first[n + 1] - ht->net_first[n], .nfields = nacc,
+                           .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
   }
   x = ht_start(ht, op, nodes, ht->net_peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags, err);
 done:

@@ -68,14 +68,20 @@ int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err);
 int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, int nfields, char *err);
 // The combine's node hop: rows of the dispatch's output (`send_fields`, PE_GATHER) go back to the
 // rank that forwarded them, which reduces them (`acc_fields`, PE_REDUCE; `touched` as in pe_recv_t)
-// into accumulator rows: the network-hop rows' partial sums first, then this rank's tokens.
+// into accumulator rows: the network-hop rows' partial sums first, then this rank's tokens. With
+// `final_fields` (pe_final_t's, over the same rows), each row's last copy writes its sum there
+// (touched = 2): the network-hop rows' partial sums are then final after this hop, and this rank's
+// tokens after the next.
 pe_exchange_t *pe_ht_combine_node(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
-                                  const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err);
+                                  const pe_field_t *acc_fields, int nacc, uint8_t *touched,
+                                  const pe_field_t *final_fields, int nfinal, int flags, char *err);
 // The combine's network hop: each partial sum goes back to its source (`send_fields` over the
-// accumulator), which reduces it into its token's row. NULL without error on a single node (check
-// `err[0]`).
+// accumulator, or over the final rows when the node hop had them), which reduces it into its
+// token's row (`final_fields` as for the node hop, whose countdown it goes on with). NULL without
+// error on a single node (check `err[0]`).
 pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
-                                 const pe_field_t *acc_fields, int nacc, uint8_t *touched, int flags, char *err);
+                                 const pe_field_t *acc_fields, int nacc, uint8_t *touched,
+                                 const pe_field_t *final_fields, int nfinal, int flags, char *err);
 // PE_HT_SIZES sizes (see the enum).
 void pe_ht_sizes(const pe_ht_t *ht, int64_t *sizes);
 void pe_ht_free(pe_ht_t *ht);

@@ -72,6 +72,7 @@ static const char *const SHAPE_NAMES[PE_LL_SHAPE] = {"num_max_dispatch_tokens_pe
 struct pe_ll {
   pe_engine_t *e;
   int rank, world, local, topk;
+  int64_t tokens;
   int32_t shape[PE_LL_SHAPE];
   int npeers;
   int32_t *peers;        // the exchange's ranks (unmasked ones, this rank included)
@@ -142,6 +143,7 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   ll->world = world;
   ll->local = num_experts / world;
   ll->topk = topk;
+  ll->tokens = tokens;
   memcpy(ll->shape, shape, sizeof ll->shape);
   const size_t sel = (size_t)(tokens * topk > 0 ? tokens * topk : 1);
   ll->token = malloc(sel * sizeof *ll->token);
@@ -360,7 +362,7 @@ done:
 
 pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
                              const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
-                             uint8_t *touched, const uint8_t *masked, int flags, char *err) {
+                             uint8_t *touched, const uint8_t *masked, pe_final_t *final, int flags, char *err) {
   if (ll->positions == NULL) {
     pe_err(err, "%s: the dispatch's rows have not been received", op);
     pe_engine_fail(e, PE_ERR_USAGE);
@@ -379,6 +381,13 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
   const int npeers = ll_peers(ll->rank, ll->world, masked, peers);
   const int64_t nsel = ll->rank_first[ll->world];
   for (int64_t i = 0; i < nsel; ++i) weights[i] = topk_weights[ll->token[i] * ll->topk + ll->k[i]];
+  if (ll->tokens == 0) final = NULL;  // nothing to count down (and no rows to reduce)
+  if (final != NULL) {  // each token's countdown: its selections on the combine's ranks
+    int32_t *remaining = (int32_t *)(uintptr_t)final->remaining;
+    memset(remaining, 0, (size_t)ll->tokens * sizeof *remaining);
+    for (int i = 0; i < npeers; ++i)
+      for (int64_t j = ll->rank_first[peers[i]]; j < ll->rank_first[peers[i] + 1]; ++j) remaining[ll->token[j]]++;
+  }
   for (int i = 0; i < npeers; ++i) {
     const int r = peers[i];
     segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
@@ -388,7 +397,8 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
     const int64_t first = ll->rank_first[r];
     recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields, .index = (uint64_t)(uintptr_t)(ll->token + first),
                            .weights = (uint64_t)(uintptr_t)(weights + first), .touched = (uint64_t)(uintptr_t)touched,
-                           .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc};
+                           .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc,
+                           .final = (uint64_t)(uintptr_t)final};
   }
   x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
                         flags, err);

@@ -56,7 +56,9 @@ int pe_ll_dispatch_recv(pe_ll_t *ll, const pe_field_t *fields, int nfields, int6
 // from the output rows where they landed; the rows from each expert rank are reduced into token
 // rows of `acc_fields` (PE_REDUCE), weighted by topk_weights[token, k] (float32 [tokens, topk],
 // copied into `weights`, one per selection), `touched` as in pe_recv_t. Masked ranks are left out.
+// With `final` (its `remaining`: int32 [tokens], written here; its fields over the result rows),
+// a token's last row writes its sum straight into the result (see pe_final_t).
 pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
                              const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
-                             uint8_t *touched, const uint8_t *masked, int flags, char *err);
+                             uint8_t *touched, const uint8_t *masked, pe_final_t *final, int flags, char *err);
 void pe_ll_free(pe_ll_t *ll);

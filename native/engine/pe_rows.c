@@ -163,10 +163,11 @@ void pe_finish_rows(void *dst, int dst_type, const float *acc, const uint8_t *to
   const size_t size = (size_t)pe_type_size(dst_type);
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t *out = (uint8_t *)dst + (size_t)(r * width) * size;
-    if (touched[r])
+    if (touched[r] == 1)
       pe_cast_f32(out, dst_type, acc + r * width, width);
-    else
+    else if (touched[r] == 0)
       memset(out, 0, (size_t)width * size);  // all-zero bits are 0.0 in every float type
+    // touched[r] == 2: the engine wrote the row's final value already
   }
 }
 
@@ -265,38 +266,66 @@ int pe_fields_reduce_only(const pe_field_t *fields, int nfields) {
 
 #define RUN_BLOCK 512  // float32 accumulator elements summed at a time (2 KiB: stays in L1)
 
-// acc[0, n) (+)= sum over rows r of w[r] * bf16 row r (rows `stride` bytes apart), in row order.
-PE_WIDE static void reduce_run_bf16(float *restrict acc, const uint8_t *restrict src, int64_t stride,
-                                    const float *restrict w, int64_t nrows, int store, int64_t n) {
-  float sum[RUN_BLOCK];
-  for (int64_t c = 0; c < n; c += RUN_BLOCK) {
-    const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;
-    const uint16_t *first = (const uint16_t *)src + c;
-    const float w0 = w ? w[0] : 1.0f;
-    if (store) {
-      for (int64_t i = 0; i < m; ++i) sum[i] = w0 * bf16_to_f32(first[i]);
-    } else {
-      for (int64_t i = 0; i < m; ++i) sum[i] = acc[c + i] + w0 * bf16_to_f32(first[i]);
-    }
-    for (int64_t r = 1; r < nrows; ++r) {
-      const uint16_t *row = (const uint16_t *)(src + r * stride) + c;
-      const float wr = w ? w[r] : 1.0f;
-      for (int64_t i = 0; i < m; ++i) sum[i] += wr * bf16_to_f32(row[i]);
-    }
-    memcpy(acc + c, sum, (size_t)m * sizeof(float));
-  }
+// A final block of sums to the destination row, cast to its type.
+static void put_final(uint8_t *restrict out, int out_type, int64_t c, const float *sum, int64_t m) {
+  if (out_type == PE_BF16)
+    cast_to_bf16((uint16_t *)out + c, sum, m);
+  else if (out_type == PE_F16)
+    cast_to_f16((uint16_t *)out + c, sum, m);
+  else
+    memcpy((float *)out + c, sum, (size_t)m * sizeof(float));
 }
 
+// A run's sums, block by block: (store ? 0 : acc) + sum over rows r of w[r] * row r (rows `stride`
+// bytes apart, elements of TYPE read by LOAD), in row order; summed in the accumulator's block
+// itself (it stays in L1), or, for a final row, in a buffer then cast into `out`. Per wire type,
+// so that each loop vectorizes.
+#define PE_REDUCE_RUN(name, TYPE, LOAD)                                                                        \
+  PE_WIDE static void name(float *restrict acc, const uint8_t *restrict src, int64_t stride,                   \
+                           const float *restrict w, int64_t nrows, int store, int64_t n, uint8_t *restrict out, \
+                           int out_type) {                                                                     \
+    float buffer[RUN_BLOCK];                                                                                   \
+    for (int64_t c = 0; c < n; c += RUN_BLOCK) {                                                               \
+      const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;                                                 \
+      float *sum = out != NULL ? buffer : acc + c;                                                             \
+      const TYPE *first = (const TYPE *)src + c;                                                               \
+      const float w0 = w ? w[0] : 1.0f;                                                                        \
+      if (store) {                                                                                             \
+        for (int64_t i = 0; i < m; ++i) sum[i] = w0 * LOAD(first[i]);                                          \
+      } else if (out == NULL) { /* sum is the accumulator's block */                                           \
+        for (int64_t i = 0; i < m; ++i) sum[i] += w0 * LOAD(first[i]);                                         \
+      } else {                                                                                                 \
+        for (int64_t i = 0; i < m; ++i) sum[i] = acc[c + i] + w0 * LOAD(first[i]);                             \
+      }                                                                                                        \
+      for (int64_t r = 1; r < nrows; ++r) {                                                                    \
+        const TYPE *row = (const TYPE *)(src + r * stride) + c;                                                \
+        const float wr = w ? w[r] : 1.0f;                                                                      \
+        for (int64_t i = 0; i < m; ++i) sum[i] += wr * LOAD(row[i]);                                           \
+      }                                                                                                        \
+      if (out != NULL) put_final(out, out_type, c, sum, m);                                                    \
+    }                                                                                                          \
+  }
+
+static inline float f32_identity(float v) { return v; }
+PE_REDUCE_RUN(reduce_run_bf16, uint16_t, bf16_to_f32)
+PE_REDUCE_RUN(reduce_run_f16, uint16_t, f16_to_f32)
+PE_REDUCE_RUN(reduce_run_f32, float, f32_identity)
+
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
-                    const uint8_t *src, int64_t row_bytes, int64_t nrows) {
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const pe_field_t *final) {
   int64_t offset = 0;
   for (int i = 0; i < nfields; ++i) {
     const pe_field_t *f = &fields[i];
-    if (f->kind == PE_REDUCE && f->wire_type == PE_BF16) {
-      reduce_run_bf16((float *)row_at(f, index), src + offset, row_bytes, weights, nrows, store, f->count);
-    } else if (f->kind == PE_REDUCE) {  // other wire types: row by row
-      for (int64_t r = 0; r < nrows; ++r)
-        pe_scatter_row(f, 1, index, weights ? weights[r] : 1.0f, store && r == 0, src + r * row_bytes + offset);
+    if (f->kind == PE_REDUCE) {
+      float *acc = (float *)row_at(f, index);
+      uint8_t *out = final != NULL ? row_at(&final[i], index) : NULL;
+      const int out_type = final != NULL ? final[i].mem_type : PE_F32;
+      if (f->wire_type == PE_BF16)
+        reduce_run_bf16(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
+      else if (f->wire_type == PE_F16)
+        reduce_run_f16(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
+      else
+        reduce_run_f32(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
     }
     offset += (int64_t)f->count * pe_type_size(f->wire_type);
   }

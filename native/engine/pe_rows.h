@@ -23,11 +23,14 @@ int pe_fields_reduce_only(const pe_field_t *fields, int nfields);
 // into destination row `index`, as pe_scatter_row on each in turn would (`store` for the first)
 // and with the same result, but with the accumulator read and written once: the rows are summed
 // block by block in a small buffer first.
+// With `final` (one field per field, as pe_final_t's), the sum is written, cast, to row `index`
+// of those instead of the accumulator.
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
-                    const uint8_t *src, int64_t row_bytes, int64_t nrows);
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const pe_field_t *final);
 
-// The end of a sum of `rows` rows of `width`: dst row r = acc row r where touched[r], else zeros
-// (a row no copy reached), in dst_type (BF16, F16 or F32).
+// The end of a sum of `rows` rows of `width`: dst row r = acc row r where touched[r] is 1, zeros
+// where it is 0 (a row no copy reached), in dst_type (BF16, F16 or F32); rows whose touched[r] is
+// 2 are final in dst already (pe_final_t) and left as they are.
 void pe_finish_rows(void *dst, int dst_type, const float *acc, const uint8_t *touched, int64_t rows, int64_t width);
 
 // Per-token, per-128-channel cast to e4m3 (x: `rows` rows of `hidden` elements of `type`, rows
