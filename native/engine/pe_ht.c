@@ -454,6 +454,39 @@ int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, 
   return rc;
 }
 
+// The specs of a combine hop: one segment and one receive per peer, filled by the caller.
+typedef struct ht_specs {
+  pe_segment_t *segs;
+  pe_recv_t *recvs;
+} ht_specs_t;
+
+static int ht_specs_alloc(pe_ht_t *ht, ht_specs_t *specs, int npeers, char *err) {
+  specs->segs = calloc((size_t)npeers, sizeof *specs->segs);
+  specs->recvs = calloc((size_t)npeers, sizeof *specs->recvs);
+  if (specs->segs != NULL && specs->recvs != NULL) return 0;
+  free(specs->segs);
+  free(specs->recvs);
+  return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+}
+
+// Start the hop (each peer's message: its segment, if it has rows) and release the specs.
+static pe_exchange_t *ht_specs_start(pe_ht_t *ht, ht_specs_t *specs, const char *op, int npeers, const int32_t *peers,
+                                     int64_t row_bytes, int flags, char *err) {
+  pe_send_t *sends = calloc((size_t)npeers, sizeof *sends);
+  pe_exchange_t *x = NULL;
+  if (sends == NULL) {
+    ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+  } else {
+    for (int i = 0; i < npeers; ++i)
+      sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&specs->segs[i], .nsegments = specs->segs[i].nrows > 0};
+    x = ht_start(ht, op, npeers, peers, sends, row_bytes, 0, specs->recvs, flags, err);
+  }
+  free(sends);
+  free(specs->segs);
+  free(specs->recvs);
+  return x;
+}
+
 // A combine's accumulator rows (the network-hop rows' partial sums first, then this rank's
 // tokens): of each node-hop row sent and of each token sent over the network (made once).
 static int ht_targets(pe_ht_t *ht) {
@@ -501,33 +534,21 @@ pe_exchange_t *pe_ht_combine_node(pe_ht_t *ht, const char *op, const pe_field_t 
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     return NULL;
   }
-  pe_send_t *sends = calloc((size_t)per_node, sizeof *sends);
-  pe_segment_t *segs = calloc((size_t)per_node, sizeof *segs);
-  pe_recv_t *recvs = calloc((size_t)per_node, sizeof *recvs);
-  pe_exchange_t *x = NULL;
-  if (sends == NULL || segs == NULL || recvs == NULL) {
-    ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-    goto done;
-  }
+  ht_specs_t specs;
+  if (ht_specs_alloc(ht, &specs, per_node, err) != 0) return NULL;
   for (int j = 0; j < per_node; ++j) {
     const int64_t back = ht->recv_first[j * nodes], back_end = ht->recv_first[(j + 1) * nodes];
-    segs[j] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
-                             .index = (uint64_t)(uintptr_t)(ht->positions + back), .nrows = back_end - back,
-                             .nfields = nsend};
-    sends[j] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[j], .nsegments = segs[j].nrows > 0};
+    specs.segs[j] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
+                                   .index = (uint64_t)(uintptr_t)(ht->positions + back), .nrows = back_end - back,
+                                   .nfields = nsend};
     const int64_t sent = ht->send_first[j * nodes], sent_end = ht->send_first[(j + 1) * nodes];
-    recvs[j] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
-                           .index = (uint64_t)(uintptr_t)(ht->node_targets + sent),
-                           .touched = (uint64_t)(uintptr_t)touched, .expect_rows = sent_end - sent, .nfields = nacc,
-                           .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
+    specs.recvs[j] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
+                                 .index = (uint64_t)(uintptr_t)(ht->node_targets + sent),
+                                 .touched = (uint64_t)(uintptr_t)touched, .expect_rows = sent_end - sent,
+                                 .nfields = nacc, .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
   }
-  x = ht_start(ht, op, per_node, ht->node_peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags,
-               err);
-done:
-  free(sends);
-  free(segs);
-  free(recvs);
-  return x;
+  return ht_specs_start(ht, &specs, op, per_node, ht->node_peers, pe_fields_wire_bytes(send_fields, nsend), flags,
+                        err);
 }
 
 pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *send_fields, int nsend,
@@ -544,30 +565,18 @@ pe_exchange_t *pe_ht_combine_net(pe_ht_t *ht, const char *op, const pe_field_t *
   }
   ht->final.fields = (uint64_t)(uintptr_t)final_fields;
   ht->final.nfields = nfinal;
-  pe_send_t *sends = calloc((size_t)nodes, sizeof *sends);
-  pe_segment_t *segs = calloc((size_t)nodes, sizeof *segs);
-  pe_recv_t *recvs = calloc((size_t)nodes, sizeof *recvs);
-  pe_exchange_t *x = NULL;
-  if (sends == NULL || segs == NULL || recvs == NULL) {
-    ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-    goto done;
-  }
+  ht_specs_t specs;
+  if (ht_specs_alloc(ht, &specs, nodes, err) != 0) return NULL;
   for (int n = 0; n < nodes; ++n) {  // partial sums back to each node's rows; this rank's tokens' sums in
-    segs[n] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields, .first = ht->hop_first[n],
-                             .nrows = ht->hop_first[n + 1] - ht->hop_first[n], .nfields = nsend};
-    sends[n] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[n], .nsegments = segs[n].nrows > 0};
-    recvs[n] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
-                           .index = (uint64_t)(uintptr_t)(ht->net_targets + ht->net_first[n]),
-                           .touched = (uint64_t)(uintptr_t)touched,
-                           .expect_rows = ht->net_first[n + 1] - ht->net_first[n], .nfields = nacc,
-                           .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
+    specs.segs[n] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields, .first = ht->hop_first[n],
+                                   .nrows = ht->hop_first[n + 1] - ht->hop_first[n], .nfields = nsend};
+    specs.recvs[n] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
+                                 .index = (uint64_t)(uintptr_t)(ht->net_targets + ht->net_first[n]),
+                                 .touched = (uint64_t)(uintptr_t)touched,
+                                 .expect_rows = ht->net_first[n + 1] - ht->net_first[n], .nfields = nacc,
+                                 .final = final_fields != NULL ? (uint64_t)(uintptr_t)&ht->final : 0};
   }
-  x = ht_start(ht, op, nodes, ht->net_peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags, err);
-done:
-  free(sends);
-  free(segs);
-  free(recvs);
-  return x;
+  return ht_specs_start(ht, &specs, op, nodes, ht->net_peers, pe_fields_wire_bytes(send_fields, nsend), flags, err);
 }
 
 void pe_ht_sizes(const pe_ht_t *ht, int64_t *sizes) {
