@@ -716,7 +716,8 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
 }
 
 // This rank's rows to itself: straight from the source tensors to the destination ones, row by
-// row through a one-row bounce buffer (it stays in the cache).
+// row, through a one-row bounce buffer (it stays in the cache) unless the source row already is
+// the wire row.
 static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
   int i = 0;
   while (x->peers[i] != e->rank) ++i;
@@ -741,8 +742,13 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
     const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
     const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
     for (int64_t k = 0; k < seg->nrows; ++k, ++out) {
-      pe_gather_row(fields, seg->nfields, index ? index[k] : seg->first + k, row);
-      if (apply_row(r, out, row) != 0) {
+      const int64_t at = index ? index[k] : seg->first + k;
+      const uint8_t *src = pe_source_row(fields, seg->nfields, at, x->row_bytes);  // no copy when it is one
+      if (src == NULL) {
+        pe_gather_row(fields, seg->nfields, at, row);
+        src = row;
+      }
+      if (apply_row(r, out, src) != 0) {
         pe_err(err, "%s: a row rank %d sends to itself names destinations outside its counts", x->op, e->rank);
         return fail(e, PE_ERR_USAGE, -1);
       }

@@ -220,6 +220,15 @@ void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t
   }
 }
 
+const uint8_t *pe_source_row(const pe_field_t *fields, int nfields, int64_t index, int64_t row_bytes) {
+  if (nfields != 1) return NULL;
+  const int size = pe_type_size(fields->wire_type);
+  if (fields->kind != PE_GATHER || fields->mem_type != fields->wire_type || fields->elem_stride != size ||
+      (int64_t)fields->count * size != row_bytes)
+    return NULL;
+  return row_at(fields, index);
+}
+
 void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
                     const uint8_t *src) {
   for (int i = 0; i < nfields; ++i) {

@@ -13,6 +13,9 @@ int pe_type_size(int type);
 int pe_fields_check(const pe_field_t *fields, int nfields, int sending, char *err);
 // Write source row `index` as wire bytes at `dst`.
 void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t *dst);
+// Source row `index` itself when it already is the wire row (one field, a plain contiguous copy of
+// `row_bytes`): a rank's rows to itself are then applied straight from it. NULL otherwise.
+const uint8_t *pe_source_row(const pe_field_t *fields, int nfields, int64_t index, int64_t row_bytes);
 // Apply the wire bytes at `src` to destination row `index` (scatter, or reduce with `weight`;
 // `store`: the row's first contribution, written instead of added).
 void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
