@@ -49,27 +49,27 @@ void pe_ht_local_routing(const int64_t *topk_idx, const float *weights, int64_t 
 struct pe_ht {
   pe_engine_t *e;
   int rank, world, per_node, nodes, node, local;
-  int32_t *net_peers;    // [nodes]: the rank with this rank's local index on each node
-  int32_t *node_peers;   // [per_node]: the ranks of this node
-  int64_t *net_index;    // tokens sent over the network, by (node, token)
-  int64_t *net_first;    // [nodes + 1]
-  int64_t *own_index;    // this rank's tokens each rank of its node needs, by (local rank, token)
-  int64_t *own_first;    // [per_node + 1]
-  int64_t *hop_first;    // [nodes + 1]: network-hop rows from each node, in landing order
-  uint8_t *hop;          // those rows, as they were on the wire
+  int64_t tokens;          // this rank's tokens
+  int32_t *net_peers;      // [nodes]: the rank with this rank's local index on each node
+  int32_t *node_peers;     // [per_node]: the ranks of this node
+  int64_t *net_index;      // tokens sent over the network, by (node, token)
+  int64_t *net_first;      // [nodes + 1]
+  int64_t *own_index;      // this rank's tokens each rank of its node needs, by (local rank, token)
+  int64_t *own_first;      // [per_node + 1]
+  int64_t *hop_first;      // [nodes + 1]: network-hop rows from each node, in landing order
+  uint8_t *hop;            // those rows, as they were on the wire
   size_t hop_cap;
   int64_t hop_row_bytes;
-  int64_t mask_offset;   // of the routing column in a hop row (first dispatch only), or -1
-  int64_t *send_index;   // node hop: rows for local rank j from node n, by (j, n): tokens (n = this node) or hop rows
-  int64_t *send_first;   // [per_node * nodes + 1]
-  int64_t *recv_first;   // [per_node * nodes + 1]: rows from local rank j that came from node n, by (j, n)
-  int64_t *positions;    // their output rows
-  int64_t *node_targets; // combine: the accumulator row of each node-hop row sent (made by the first combine)
-  int64_t *net_targets;  // combine: the accumulator row of each token sent over the network
-  int32_t *contributions; // combine: copies each accumulator row sums (made by the first combine with finals)
-  int32_t *remaining;    // their countdown in the combine under way
-  pe_final_t final;      // that combine's final spec
-  int64_t tokens;
+  int64_t mask_offset;     // of the routing column in a hop row (first dispatch only), or -1
+  int64_t *send_index;     // node hop: rows for local rank j from node n, by (j, n): tokens (own node) or hop rows
+  int64_t *send_first;     // [per_node * nodes + 1]
+  int64_t *recv_first;     // [per_node * nodes + 1]: rows from local rank j that came from node n, by (j, n)
+  int64_t *positions;      // their output rows
+  int64_t *node_targets;   // combine: the accumulator row of each node-hop row sent (made by the first combine)
+  int64_t *net_targets;    // combine: the accumulator row of each token sent over the network
+  int32_t *contributions;  // combine: copies each accumulator row sums (made by the first combine with finals)
+  int32_t *remaining;      // their countdown in the combine under way
+  pe_final_t final;        // that combine's final spec
 };
 
 void pe_ht_free(pe_ht_t *ht) {
