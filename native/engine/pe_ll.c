@@ -15,16 +15,22 @@ static inline int ll_selected(int64_t e, int num_experts, int local, const uint8
   return e >= 0 && e < num_experts && !(masked && masked[e / local]);
 }
 
-int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_experts, int num_ranks,
-                    const uint8_t *masked, int64_t *token, int64_t *k, int32_t *counts) {
-  const int local = num_experts / num_ranks;
-  int64_t *cursor = calloc((size_t)num_experts + 1, sizeof *cursor);
-  if (cursor == NULL) return -1;
+// The selections per expert ([num_experts]) an LL dispatch sends.
+static void ll_count(const int64_t *topk_idx, int64_t tokens, int topk, int num_experts, int local,
+                     const uint8_t *masked, int32_t *counts) {
   memset(counts, 0, (size_t)num_experts * sizeof *counts);
   for (int64_t i = 0; i < tokens * topk; ++i) {
     const int64_t e = topk_idx[i];
     if (ll_selected(e, num_experts, local, masked)) counts[e]++;
   }
+}
+
+int64_t pe_ll_route(const int64_t *topk_idx, int64_t tokens, int topk, int num_experts, int num_ranks,
+                    const uint8_t *masked, int64_t *token, int64_t *k, int32_t *counts) {
+  const int local = num_experts / num_ranks;
+  int64_t *cursor = calloc((size_t)num_experts + 1, sizeof *cursor);
+  if (cursor == NULL) return -1;
+  ll_count(topk_idx, tokens, topk, num_experts, local, masked, counts);
   int64_t total = 0;
   for (int e = 0; e < num_experts; ++e) {  // experts in order: (rank, local expert) order
     cursor[e] = total;
@@ -153,45 +159,38 @@ pe_ll_t *pe_ll_dispatch(pe_engine_t *e, const char *op, const int64_t *topk_idx,
   ll->peers = malloc((size_t)world * sizeof *ll->peers);
   if (!ll->token || !ll->k || !ll->rank_first || !ll->counts || !ll->peers) goto oom;
   ll->npeers = ll_peers(ll->rank, world, masked, ll->peers);
-  if (pe_ll_route(topk_idx, tokens, topk, num_experts, world, masked, ll->token, ll->k, ll->counts) < 0) goto oom;
+  ll_count(topk_idx, tokens, topk, num_experts, ll->local, masked, ll->counts);
   for (int r = 0; r < world; ++r) {
     int64_t n = 0;
     for (int j = 0; j < ll->local; ++j) n += ll->counts[r * ll->local + j];
     ll->rank_first[r + 1] = ll->rank_first[r] + n;
   }
-  // Each rank's selections by (token, k) instead: the order its rows come back in the combine, so
-  // that a token's rows from one rank arrive together and are summed as one run.
-  int64_t *next = malloc((size_t)world * sizeof *next);
-  if (next == NULL) goto oom;
-  memcpy(next, ll->rank_first, (size_t)world * sizeof *next);
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int j = 0; j < topk; ++j) {
-      const int64_t ex = topk_idx[t * topk + j];
-      if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
-      const int64_t at = next[ex / ll->local]++;
-      ll->token[at] = t;
-      ll->k[at] = j;
-    }
-  }
-  free(next);
-  // The wire: a token goes once to each rank it selected experts of, followed by the list of them.
-  // Only the lists of the (rank, token) pairs on the wire are written: the work is per selection,
-  // whatever the number of ranks.
+  // One pass over the selections: each rank's selections by (token, k), the order its rows come
+  // back in the combine (a token's rows from one rank arrive together and are summed as one run);
+  // and the wire: a token goes once to each rank it selected experts of, followed by the list of
+  // them. Only the lists of the (rank, token) pairs on the wire are written: the work is per
+  // selection, whatever the number of ranks.
   ll->wire_token = malloc(sel * sizeof *ll->wire_token);
   ll->wire_first = calloc((size_t)world + 1, sizeof *ll->wire_first);
   ll->lists = malloc((size_t)world * sel * sizeof *ll->lists);
-  int64_t *seen = malloc(2 * (size_t)world * sizeof *seen);  // per rank: the last token listed
+  int64_t *seen = malloc(3 * (size_t)world * sizeof *seen);  // per rank: the last token listed
   int64_t *cursor = seen + world;                             // per rank: its next wire row
+  int64_t *next = cursor + world;                             // per rank: its next selection
   if (!ll->wire_token || !ll->wire_first || !ll->lists || !seen) {
     free(seen);
     goto oom;
   }
-  for (int r = 0; r < world; ++r) seen[r] = -1;
+  for (int r = 0; r < world; ++r) {
+    seen[r] = -1;
+    next[r] = ll->rank_first[r];
+  }
   for (int64_t t = 0; t < tokens; ++t) {
     for (int j = 0; j < topk; ++j) {
       const int64_t ex = topk_idx[t * topk + j];
       if (!ll_selected(ex, num_experts, ll->local, masked)) continue;
-      const int64_t r = ex / ll->local;
+      const int64_t r = ex / ll->local, at = next[r]++;
+      ll->token[at] = t;
+      ll->k[at] = j;
       int32_t *list = &ll->lists[(r * tokens + t) * topk];
       if (seen[r] != t) {  // the token's first selection on rank r: one more row, a fresh list
         seen[r] = t;
