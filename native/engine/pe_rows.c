@@ -114,46 +114,6 @@ PE_WIDE static void cast_to_f16(uint16_t *restrict dst, const float *restrict sr
   for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_f16(src[i]);
 }
 
-PE_WIDE static void add_bf16(float *restrict acc, const uint16_t *restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_f32(src[i]);
-}
-
-PE_WIDE static void add_bf16_weighted(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * bf16_to_f32(src[i]);
-}
-
-PE_WIDE static void add_f16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * f16_to_f32(src[i]);
-}
-
-PE_WIDE static void add_f32(float *restrict acc, const float *restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
-}
-
-PE_WIDE static void add_f32_weighted(float *restrict acc, const float *restrict src, int64_t n, float w) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
-}
-
-PE_WIDE static void set_bf16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
-  if (w == 1.0f) {
-    for (int64_t i = 0; i < n; ++i) acc[i] = bf16_to_f32(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) acc[i] = w * bf16_to_f32(src[i]);
-  }
-}
-
-PE_WIDE static void set_f16(float *restrict acc, const uint16_t *restrict src, int64_t n, float w) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = w * f16_to_f32(src[i]);
-}
-
-PE_WIDE static void set_f32(float *restrict acc, const float *restrict src, int64_t n, float w) {
-  if (w == 1.0f) {
-    memcpy(acc, src, (size_t)n * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < n; ++i) acc[i] = w * src[i];
-  }
-}
-
 void pe_cast_f32(void *dst, int dst_type, const float *src, int64_t n) {
   if (dst_type == PE_BF16)
     cast_to_bf16(dst, src, n);
@@ -245,27 +205,8 @@ void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float 
         memcpy(dst, src, (size_t)width);
       else
         strided_copy(dst, f->elem_stride, src, wsize, f->count, wsize);
-    } else if (f->kind == PE_REDUCE) {
-      float *acc = (float *)dst;
-      if (store) {  // the first contribution to this row: 0 + w * v, written without reading acc
-        if (f->wire_type == PE_BF16)
-          set_bf16(acc, (const uint16_t *)src, f->count, weight);
-        else if (f->wire_type == PE_F16)
-          set_f16(acc, (const uint16_t *)src, f->count, weight);
-        else
-          set_f32(acc, (const float *)src, f->count, weight);
-      } else if (f->wire_type == PE_BF16) {
-        if (weight == 1.0f)
-          add_bf16(acc, (const uint16_t *)src, f->count);
-        else
-          add_bf16_weighted(acc, (const uint16_t *)src, f->count, weight);
-      } else if (f->wire_type == PE_F16) {
-        add_f16(acc, (const uint16_t *)src, f->count, weight);
-      } else if (weight == 1.0f) {
-        add_f32(acc, (const float *)src, f->count);
-      } else {
-        add_f32_weighted(acc, (const float *)src, f->count, weight);
-      }
+    } else if (f->kind == PE_REDUCE) {  // a run of one row
+      pe_reduce_rows(f, 1, index, &weight, store, src, width, 1, NULL);
     }
     src += width;
   }

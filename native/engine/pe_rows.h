@@ -16,16 +16,16 @@ void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t
 // Source row `index` itself when it already is the wire row (one field, a plain contiguous copy of
 // `row_bytes`): a rank's rows to itself are then applied straight from it. NULL otherwise.
 const uint8_t *pe_source_row(const pe_field_t *fields, int nfields, int64_t index, int64_t row_bytes);
-// Apply the wire bytes at `src` to destination row `index` (scatter, or reduce with `weight`;
-// `store`: the row's first contribution, written instead of added).
+// Apply the wire bytes at `src` to destination row `index` (scatter, or reduce with `weight`:
+// pe_reduce_rows on a run of one; `store`: the row's first contribution, written instead of added).
 void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float weight, int store,
                     const uint8_t *src);
 // Whether every field reduces (or skips): rows that only reduce can be summed as runs.
 int pe_fields_reduce_only(const pe_field_t *fields, int nfields);
 // Reduce `nrows` rows of wire bytes (at `src`, `row_bytes` apart), weighted by weights[i] (or 1),
-// into destination row `index`, as pe_scatter_row on each in turn would (`store` for the first)
-// and with the same result, but with the accumulator read and written once: the rows are summed
-// block by block in a small buffer first.
+// into destination row `index`: (store ? 0 : accumulator) + each row times its weight, in row
+// order (the same sums as adding the rows one by one), with the accumulator read and written once:
+// the rows are summed block by block while the block stays in L1.
 // With `final` (one field per field, as pe_final_t's), the sum is written, cast, to row `index`
 // of those instead of the accumulator.
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
