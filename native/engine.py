@@ -748,8 +748,7 @@ class HTRoute:
         ``out_fields`` (scatter fields, cached dispatch) its receive side too."""
         err = _err()
         handle = lib().pe_ht_forward(self._ht, op.encode(), fields.ctypes.data, fields.size,
-                                     None if out_fields is None else out_fields.ctypes.data,
-                                     0 if out_fields is None else out_fields.size, 0, err)
+                                     *_optional_fields(out_fields), 0, err)
         if not handle:
             _check(-1, err, self.engine.ptr)
         return self._exchange(handle, self.per_node, self.nodes, [*keep, fields, out_fields])
