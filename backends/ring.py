@@ -523,6 +523,7 @@ class RingBackend(CommBackend):
         layout = RowLayout(wire)
         fields = cached_fields(layout, columns, native.GATHER)
         keep: list[Any] = list(columns)
+        net = layout  # a cached dispatch's network rows: the columns alone
         if route is None:
             per_node = self.topology.ranks_per_node
             net = RowLayout([*wire, WireColumn(torch.bool, per_node)])  # the routing inside the node travels along
@@ -547,8 +548,7 @@ class RingBackend(CommBackend):
             out_fields = cached_fields(layout, out, native.SCATTER)
             self._ht_wait(op, "node", self.guarded(op, lambda: route.forward(op, fields, out_fields, [*keep, *out])))
         sizes = route.sizes()
-        self.stats.record("peers", int(sizes[route.NET_SENT]), layout.row_bytes + (self.topology.ranks_per_node
-                                                                                    if route is None else 0))
+        self.stats.record("peers", int(sizes[route.NET_SENT]), net.row_bytes)
         self.stats.record("node", int(sizes[route.NODE_SENT]), layout.row_bytes)
         return out, route
 
