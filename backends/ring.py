@@ -43,6 +43,7 @@ CHUNK_ENV = "PORTEP_CHUNK_BYTES"
 SLOTS_ENV = "PORTEP_CHUNK_SLOTS"
 DEFAULT_CHUNK_BYTES = 256 << 10
 DEFAULT_SLOTS = 8
+EXPERT_SUMS_ENV = "PORTEP_LL_EXPERT_SUMS"  # 0: an LL combine returns one row per selection
 RING_CAPACITY = 4096
 WAIT_SLICE_S = 0.05  # how long one engine wait runs before the liveness checks look again
 FAILURE_POLL_S = 0.25  # how often a waiting rank asks the control plane whether a peer gave up
@@ -153,7 +154,7 @@ def _sends(plan: Plan, scope_indices: list[int], keep: list[Any]) -> np.ndarray:
     for gathers in per_peer:
         for gather in gathers:
             fields, nfields = fields_of(gather.columns)
-            rows.append((fields, _index(gather.index, keep), gather.first, gather.rows, nfields, 0))
+            rows.append((fields, _index(gather.index, keep), gather.first, gather.rows, nfields, 0, 0, 0))
     segments = np.array(rows, dtype=native.SEGMENT_DTYPE) if rows else np.zeros(1, dtype=native.SEGMENT_DTYPE)
     keep.append(segments)
     at, size = segments.ctypes.data, native.SEGMENT_DTYPE.itemsize
@@ -272,6 +273,32 @@ class _EnginePending(_RingPending):
         raise NotImplementedError("the engine places this exchange's rows itself")
 
 
+class _SteppedPending(PendingRows):
+    """Two engine exchanges, one after the other: ``then`` starts the second once the first
+    completed, given the ranks dropped from it."""
+
+    def __init__(self, first: _EnginePending, then: Callable[[frozenset[int]], _EnginePending]) -> None:
+        self.current: _EnginePending | None = first
+        self.steps = [then]
+        self._dropped: frozenset[int] = frozenset()
+
+    def headers(self) -> tuple[list[int], torch.Tensor]:
+        raise NotImplementedError("the engine reads this exchange's headers itself")
+
+    def receive(self, receives: list[Receive | None]) -> None:
+        raise NotImplementedError("the engine places this exchange's rows itself")
+
+    def wait(self) -> None:
+        while self.current is not None:
+            self.current.wait()
+            self._dropped |= self.current.dropped
+            self.current = self.steps.pop(0)(self._dropped) if self.steps else None
+
+    @property
+    def dropped(self) -> frozenset[int]:
+        return self._dropped | (self.current.dropped if self.current is not None else frozenset())
+
+
 class _StagedPending(PendingRows):
     """A plan on device tensors: rows packed on the device, moved through host memory as byte rows by
     the engine, applied on the device."""
@@ -336,6 +363,9 @@ class RingBackend(CommBackend):
         self._gone: frozenset[int] = frozenset()
         rank, world = topology.rank, topology.num_ranks
         chunk, slots = stream_layout_from_env()
+        # An LL combine sums on the expert side (fewer bytes back, partial sums rounded to the
+        # wire type) unless PORTEP_LL_EXPERT_SUMS=0; every rank must use the same setting.
+        self.ll_expert_sums = number_from_env(EXPERT_SUMS_ENV, 1, kind=int, unit="(0 or 1)") != 0
         num_signals, data_bytes = native.Engine.window_size(world, slots, chunk)
         self.window = native.Window.create(num_signals, data_bytes)
         self.ring = native.Ring.create(RING_CAPACITY)
@@ -476,23 +506,44 @@ class RingBackend(CommBackend):
 
     def ll_combine(self, op: str, route: native.LLRoute, expert_out: torch.Tensor, topk_weights: torch.Tensor,
                    acc: torch.Tensor, touched: torch.Tensor, masked: torch.Tensor, drop_dead: bool,
-                   out: torch.Tensor | None = None) -> _EnginePending:
+                   out: torch.Tensor | None = None, one_step: bool = False) -> PendingRows:
         """Start the combine of an LL dispatch received with ``route``: rows of ``expert_out``
         (``[local, slots, hidden]``) go back to their sources, which reduce them, weighted by
         ``topk_weights``, into float32 ``acc`` (``touched`` as in :class:`Receive`); with ``out``
         (``[tokens, hidden]`` in expert_out's dtype), a token's last row writes its sum there
-        (``touched`` 2)."""
+        (``touched`` 2).
+
+        By default the sums are made on the expert side, in two exchanges (the weights out, then
+        one partial sum per token and rank back). ``one_step`` (a combine received from a hook,
+        which other calls may overtake: their messages would queue behind its second step) and
+        ``PORTEP_LL_EXPERT_SUMS=0`` send one row per selection instead, in one exchange."""
         layout = RowLayout([WireColumn(expert_out.dtype, expert_out.size(2))])
         send_fields = cached_fields(layout, [expert_out], native.GATHER)
         acc_fields = cached_fields(layout, [acc], native.REDUCE)
         final_fields = None if out is None else cached_fields(layout, [out], native.SCATTER)
-        weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
         topk_weights = topk_weights.to(torch.float32).contiguous()
         mask, npeers, _, _ = self._ll_scope(masked)
-        exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights, acc_fields,
-                                                          touched, mask, drop_dead, [expert_out, acc, mask, out],
-                                                          final_fields))
-        return self._ll_pending(op, masked, drop_dead, exchange)
+        keep = [expert_out, acc, mask, out]
+        if one_step or not self.ll_expert_sums:
+            weights = torch.empty(topk_weights.numel(), dtype=torch.float32)
+            exchange = self.guarded(op, lambda: route.combine(op, npeers, send_fields, topk_weights, weights,
+                                                              acc_fields, touched, mask, drop_dead, keep,
+                                                              final_fields))
+            return self._ll_pending(op, masked, drop_dead, exchange)
+        # Summed on the expert side: the weights go out first, then one row per (token, rank) returns.
+        weights_op = f"{op} (weights)"
+        exchange = self.guarded(weights_op, lambda: route.combine_weights(weights_op, npeers, topk_weights, mask,
+                                                                          drop_dead))
+        first = self._ll_pending(weights_op, masked, drop_dead, exchange)
+
+        def sums(dropped: frozenset[int]) -> _EnginePending | None:
+            ignore = np.zeros(self.topology.num_ranks, dtype=np.uint8)
+            ignore[sorted(dropped)] = 1
+            sums_exchange = self.guarded(op, lambda: route.combine_sums(op, npeers, send_fields, acc_fields, touched,
+                                                                        mask, ignore, drop_dead, keep, final_fields))
+            return self._ll_pending(op, masked, drop_dead, sums_exchange)
+
+        return _SteppedPending(first, sums)
 
     # ------------------------------------------------------------------ HT, run by the engine
     def native_ht(self, device: torch.device) -> bool:

@@ -135,6 +135,10 @@ def lib() -> ctypes.CDLL:
              i32p, c_char_p)
     _declare(so, "pe_ll_combine", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_void_p,
              c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
+    _declare(so, "pe_ll_combine_weights", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_void_p, c_int,
+             c_char_p)
+    _declare(so, "pe_ll_combine_sums", c_void_p, c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int,
+             c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
     _declare(so, "pe_ll_free", None, c_void_p)
     _declare(so, "pe_ht_dispatch", c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_int64, c_void_p, c_int, c_int,
              c_int, POINTER(c_void_p), c_char_p)
@@ -467,7 +471,7 @@ FIELD_DTYPE = np.dtype([("base", "<u8"), ("row_stride", "<i8"), ("elem_stride", 
                         ("block_stride", "<i8"), ("count", "<i4"), ("mem_type", "u1"), ("wire_type", "u1"),
                         ("kind", "u1"), ("pad", "u1")])
 SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"), ("nrows", "<i8"),
-                          ("nfields", "<i4"), ("pad", "<i4")])
+                          ("nfields", "<i4"), ("pad", "<i4"), ("group_end", "<u8"), ("weights", "<u8")])
 SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
 RECV_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("weights", "<u8"), ("touched", "<u8"), ("first", "<i8"),
                        ("expect_rows", "<i8"), ("fanout", "<u8"), ("nfields", "<i4"), ("pad", "<i4"),
@@ -476,7 +480,7 @@ FANOUT_DTYPE = np.dtype([("list_offset", "<i4"), ("list_count", "<i4"), ("nkeys"
                          ("cursor", "<u8"), ("end", "<u8"), ("record", "<u8"), ("recorded", "<i8")])
 FINAL_DTYPE = np.dtype([("remaining", "<u8"), ("fields", "<u8"), ("nfields", "<i4"), ("pad", "<i4")])
 assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_DTYPE.itemsize,
-        FANOUT_DTYPE.itemsize, FINAL_DTYPE.itemsize) == (48, 40, 24, 72, 48, 24)
+        FANOUT_DTYPE.itemsize, FINAL_DTYPE.itemsize) == (48, 56, 24, 72, 48, 24)
 
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)
@@ -680,12 +684,7 @@ class LLRoute:
         ``final_fields`` (scatter fields over the result rows), each token's last row writes its
         sum there."""
         err = _err()
-        final = None
-        if final_fields is not None:
-            remaining = np.empty(max(self.tokens, 1), dtype=np.int32)
-            final = np.zeros(1, dtype=FINAL_DTYPE)
-            final[0] = (remaining.ctypes.data, final_fields.ctypes.data, final_fields.size, 0)
-            keep = [*keep, remaining, final, final_fields]
+        final = self._final(final_fields, keep)
         handle = lib().pe_ll_combine(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
                                      send_fields.size, topk_weights.data_ptr(), weights.data_ptr(),
                                      acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
@@ -696,6 +695,44 @@ class LLRoute:
             _check(-1, err, self.engine.ptr)
         return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, topk_weights, weights, touched,
                                                     self])
+
+    def combine_weights(self, op: str, npeers: int, topk_weights: Any, masked: Any, drop_dead: bool) -> Exchange:
+        """First step of a combine summed on the expert side (see ``pe_ll_combine_weights``): the
+        weights of this rank's selections (float32 ``[tokens, topk]``) go to their experts' ranks."""
+        err = _err()
+        handle = lib().pe_ll_combine_weights(self.engine.ptr, self._ll, op.encode(), topk_weights.data_ptr(),
+                                             masked.data_ptr() if masked is not None else None,
+                                             DROP_DEAD if drop_dead else 0, err)
+        if not handle:
+            _check(-1, err, self.engine.ptr)
+        return Exchange(self.engine, handle, npeers, 0, [topk_weights, masked, self])
+
+    def combine_sums(self, op: str, npeers: int, send_fields: np.ndarray, acc_fields: np.ndarray, touched: Any,
+                     masked: Any, ignore: np.ndarray, drop_dead: bool, keep: list[Any],
+                     final_fields: np.ndarray | None = None) -> Exchange:
+        """Second step, once the weights arrived (see ``pe_ll_combine_sums``): each source gets one
+        weighted sum per token back, reduced here into ``acc_fields`` (``final_fields`` as in
+        :meth:`combine`); sources in ``ignore`` (uint8 per rank) are sent nothing."""
+        err = _err()
+        final = self._final(final_fields, keep)
+        handle = lib().pe_ll_combine_sums(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
+                                          send_fields.size, acc_fields.ctypes.data, acc_fields.size,
+                                          touched.data_ptr(), masked.data_ptr() if masked is not None else None,
+                                          ignore.ctypes.data, final.ctypes.data if final is not None else None,
+                                          DROP_DEAD if drop_dead else 0, err)
+        if not handle:
+            _check(-1, err, self.engine.ptr)
+        return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, touched, ignore, self])
+
+    def _final(self, final_fields: np.ndarray | None, keep: list[Any]) -> np.ndarray | None:
+        """A ``pe_final_t`` over ``final_fields`` (its countdowns written by the engine), kept in ``keep``."""
+        if final_fields is None:
+            return None
+        remaining = np.empty(max(self.tokens, 1), dtype=np.int32)
+        final = np.zeros(1, dtype=FINAL_DTYPE)
+        final[0] = (remaining.ctypes.data, final_fields.ctypes.data, final_fields.size, 0)
+        keep += [remaining, final, final_fields]
+        return final
 
 
 def _optional_fields(fields: np.ndarray | None) -> tuple[int | None, int]:

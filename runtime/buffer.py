@@ -577,7 +577,7 @@ class Buffer:
 
         result = out if out is not None else POOL.empty((num_tokens, hidden), torch.bfloat16, self.device)
         call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,
-                            drop_dead=self.enable_shrink, out=result)
+                            drop_dead=self.enable_shrink, out=result, recv_later=return_recv_hook)
         self._flip_half()
 
         def hook() -> None:

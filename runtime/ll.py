@@ -205,9 +205,11 @@ class LLCombine:
 
     def __init__(self, comm: CommBackend, expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  handle: LowLatencyHandle, use_logfmt: bool, masked: torch.Tensor,
-                 op: str = "low_latency_combine", drop_dead: bool = False, out: torch.Tensor | None = None) -> None:
+                 op: str = "low_latency_combine", drop_dead: bool = False, out: torch.Tensor | None = None,
+                 recv_later: bool = False) -> None:
         """``out``: where :meth:`recv` will write the result, if known now (a backend that runs LL
-        itself then writes each token's sum there as soon as it is complete)."""
+        itself then writes each token's sum there as soon as it is complete). ``recv_later``:
+        :meth:`recv` runs from a receive hook, after other calls may have started."""
         self.comm, self.op = comm, op
         self.final_out: torch.Tensor | None = None
         num_ranks = comm.topology.num_ranks
@@ -231,7 +233,7 @@ class LLCombine:
             self.route, self.masked = dispatch.route, masked
             self.final_out = out
             self.pending = comm.ll_combine(op, dispatch.route, expert_out, topk_weights, self.acc, self.touched, masked,
-                                           drop_dead, out)
+                                           drop_dead, out, one_step=recv_later)
             self.done = False
             return
         if same and dispatch.recv_rows is not None:

@@ -417,6 +417,7 @@ def ll_combine(
     num_experts: int,
     rank: int,
     masked_ranks: Sequence[int] = (),
+    partial_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """What source ``rank`` gets back from ``Buffer.low_latency_combine``.
 
@@ -427,6 +428,9 @@ def ll_combine(
         layout_ranges: per rank, int64 `[E_local, R]` (handle ``layout_range``).
         topk_idx / topk_weights: ``rank``'s routing, `[N, topk]` int64 / float32.
         masked_ranks: expert ranks whose contribution is dropped.
+        partial_dtype: when given, each expert rank's share of a token (its selections' weighted
+            rows, summed in float32) is rounded to this dtype before the shares are summed: the
+            combine summed on the expert side (the ring backend's default).
 
     Returns:
         bf16 `[N, H]`: ``out[t] = Σ_k w[t, k] · y_{topk_idx[t, k]}(t)`` in float32 over the slots
@@ -438,6 +442,7 @@ def ll_combine(
     hidden = ys[0][0].size(-1)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
     for t, (row, weights) in enumerate(zip(topk_idx.tolist(), topk_weights.tolist(), strict=True)):
+        shares: dict[int, torch.Tensor] = {}  # per expert rank, with partial_dtype
         for e, w in zip(row, weights, strict=True):
             if e < 0:
                 continue
@@ -451,5 +456,11 @@ def ll_combine(
                 raise AssertionError(
                     f"token {t} of rank {rank} appears {len(matches)} times at expert {e} (rank {holder})"
                 )
-            out[t] += w * ys[holder][local][matches[0]].float()
+            value = w * ys[holder][local][matches[0]].float()
+            if partial_dtype is None:
+                out[t] += value
+            else:
+                shares[holder] = shares[holder] + value if holder in shares else value
+        for share in shares.values():
+            out[t] += share.to(partial_dtype).float()
     return out.to(torch.bfloat16)

@@ -6,6 +6,7 @@ depends on the global expert (exact in bf16), so a row combined from the wrong e
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,6 +32,14 @@ BF16_COMBINE_DIFF = 1e-5  # DeepEP's thresholds
 FP8_COMBINE_DIFF = 9e-4
 FP8_ROUNDTRIP_DIFF = 1e-3
 REFERENCE_DIFF = 1e-6  # same maths as the reference, only the summation order may differ
+
+
+def expert_sums() -> bool:
+    """Whether this job's LL combines sum on the expert side (the ring backend's default, but for
+    combines received from a hook): each rank's share of a token comes back rounded to bf16, which
+    the reference then does too."""
+    from portep.backends import default_backend_name
+    return default_backend_name().startswith("ring") and os.environ.get("PORTEP_LL_EXPERT_SUMS", "1") != "0"
 
 
 def expert_scale(expert: int) -> float:
@@ -127,16 +136,18 @@ class LLCase:
         factor = torch.where(valid, self.topk_weights * scales[self.topk_idx.clamp(min=0)], 0.0).sum(1)
         return self.x.float() * factor.unsqueeze(1)
 
-    def reference_combine(self, y: torch.Tensor, compute: bool = True) -> torch.Tensor | None:
+    def reference_combine(self, y: torch.Tensor, compute: bool = True, hook: bool = False) -> torch.Tensor | None:
         """``reference.ll_combine`` over every rank's expert output (valid rows only); collective
-        (every rank must call it), ``compute=False`` only takes part in the gathers."""
+        (every rank must call it), ``compute=False`` only takes part in the gathers. ``hook``: for
+        a combine received from a hook (one row per selection on every backend)."""
         ys = [[t[e, :c] for e, c in enumerate(counts.tolist())] for t, counts in
               zip(gather(y), gather(self.ref.recv_count), strict=True)]
         src_infos, layout_ranges = gather(self.ref.src_info), gather(self.ref.layout_range)
         if not compute:
             return None
         return reference.ll_combine(ys, src_infos, layout_ranges, self.topk_idx, self.topk_weights,
-                                    self.num_experts, self.rank, self.masked_ranks)
+                                    self.num_experts, self.rank, self.masked_ranks,
+                                    torch.bfloat16 if expert_sums() and not hook else None)
 
     def check_combine(self, combined: torch.Tensor, want_ref: torch.Tensor, what: str) -> None:
         rank, tag = self.rank, f"low_latency_combine{what}"
@@ -199,10 +210,11 @@ def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_to
     event.current_stream_wait()
     case.check_combine(combined, want_ref, " (async_finish)")
 
+    want_hook = case.reference_combine(y, hook=True)
     combined, event, hook = buffer.low_latency_combine(y, topk_idx, topk_weights, handle, return_recv_hook=True)
     assert callable(hook), f"rank {rank}: return_recv_hook=True must return a hook"
     hook()
-    case.check_combine(combined, want_ref, " (return_recv_hook)")
+    case.check_combine(combined, want_hook, " (return_recv_hook)")
 
     if use_logfmt:
         combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle, use_logfmt=True)
@@ -232,7 +244,7 @@ def double_buffer(rank: int, world_size: int, *, seed: int, num_nodes: int, max_
     b.check_dispatch(xb, cb, hb, " (batch B, hook)")
 
     ya, yb = a.expert_output(xa, ca), b.expert_output(xb, cb)
-    ref_a, ref_b = a.reference_combine(ya), b.reference_combine(yb)
+    ref_a, ref_b = a.reference_combine(ya, hook=True), b.reference_combine(yb, hook=True)
     out_a, _, hook_a = buffer.low_latency_combine(ya, a.topk_idx, a.topk_weights, ha, return_recv_hook=True)
     out_b, _, hook_b = buffer.low_latency_combine(yb, b.topk_idx, b.topk_weights, hb, return_recv_hook=True)
     hook_a()

@@ -43,7 +43,7 @@ def _exchange(engines: list[native.Engine], rows: np.ndarray, cursor: np.ndarray
     peers = np.array([0, 1], dtype=np.int32)
     send_fields = np.array([_field(rows.ctypes.data, rows.strides[0], WIDTH + LIST, native.GATHER)],
                            dtype=native.FIELD_DTYPE)
-    segment = np.array([(send_fields.ctypes.data, 0, 0, len(rows), 1, 0)], dtype=native.SEGMENT_DTYPE)
+    segment = np.array([(send_fields.ctypes.data, 0, 0, len(rows), 1, 0, 0, 0)], dtype=native.SEGMENT_DTYPE)
     sends0 = np.zeros(2, dtype=native.SEND_DTYPE)
     sends0[1] = (segment.ctypes.data, 0, 1, 0)
     recv_fields = np.array([_field(out.ctypes.data, out.strides[0], WIDTH, native.SCATTER),
@@ -125,7 +125,7 @@ def test_rows_reducing_into_one_row_are_summed_as_a_run_with_the_same_result(pai
     final_spec[0] = (remaining.ctypes.data, out_fields.ctypes.data, 1, 0)
     bf16_field = (rows.ctypes.data, rows.strides[0], 2, 0, 0, width, native.BF16, native.BF16, native.GATHER, 0)
     send_fields = np.array([bf16_field], dtype=native.FIELD_DTYPE)
-    segment = np.array([(send_fields.ctypes.data, 0, 0, len(rows), 1, 0)], dtype=native.SEGMENT_DTYPE)
+    segment = np.array([(send_fields.ctypes.data, 0, 0, len(rows), 1, 0, 0, 0)], dtype=native.SEGMENT_DTYPE)
     sends0 = np.zeros(2, dtype=native.SEND_DTYPE)
     sends0[1] = (segment.ctypes.data, 0, 1, 0)
     recv_fields = np.array([(acc.ctypes.data, acc.strides[0], 4, 0, 0, width, native.F32, native.BF16, native.REDUCE,

@@ -240,6 +240,11 @@ static int copy_send(pe_exchange_t *x, int i, const pe_send_t *send, char *err) 
   for (int s = 0; s < send->nsegments; ++s) {
     const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
     if (segs[s].nrows < 0 || (segs[s].nrows > 0 && pe_fields_check(fields, segs[s].nfields, 1, err) != 0)) return -1;
+    if (segs[s].group_end && (!segs[s].index || !segs[s].weights || !pe_fields_summable(fields, segs[s].nfields))) {
+      pe_err(err, "%s: segment %d of the message to rank %d sums rows: it needs an index, weights and float fields",
+             x->op, s, x->peers[i]);
+      return -1;
+    }
     if (segs[s].nrows > 0 && pe_fields_wire_bytes(fields, segs[s].nfields) != x->row_bytes) {
       pe_err(err, "%s: segment %d of the message to rank %d has rows of %lld bytes, the exchange %lld", x->op, s,
              x->peers[i], (long long)pe_fields_wire_bytes(fields, segs[s].nfields), (long long)x->row_bytes);
@@ -425,6 +430,20 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
 }
 
 // ------------------------------------------------------------------------------ sending
+// Row i of a segment as wire bytes at `dst`: a source row, or a weighted sum of them.
+static void gather_segment_row(const pe_segment_t *seg, int64_t i, uint8_t *dst) {
+  const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
+  const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
+  if (seg->group_end) {
+    const int64_t *end = (const int64_t *)(uintptr_t)seg->group_end;
+    const int64_t from = i > 0 ? end[i - 1] : 0;
+    pe_gather_sum(fields, seg->nfields, index + from, (const float *)(uintptr_t)seg->weights + from, end[i] - from,
+                  dst);
+  } else {
+    pe_gather_row(fields, seg->nfields, index ? index[i] : seg->first + i, dst);
+  }
+}
+
 // Gather bytes [a, b) of the rows of message `m` into `dst`.
 static void gather_bytes(pe_engine_t *e, out_msg_t *m, uint64_t a, uint64_t b, uint8_t *dst) {
   const pe_exchange_t *x = m->x;
@@ -440,16 +459,14 @@ static void gather_bytes(pe_engine_t *e, out_msg_t *m, uint64_t a, uint64_t b, u
       m->segment++;
     }
     const pe_segment_t *seg = &segs[m->segment];
-    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
     const int64_t i = row - m->segment_start;
-    const int64_t src = seg->index ? ((const int64_t *)(uintptr_t)seg->index)[i] : seg->first + i;
     uint64_t take = rb - off < b - a ? rb - off : b - a;
     if (off == 0 && take == rb) {
-      pe_gather_row(fields, seg->nfields, src, dst);
+      gather_segment_row(seg, i, dst);
     } else {  // a row that straddles two chunks: gather it whole, keep the part of this chunk
       uint8_t *row_bytes = bounce(e, rb);
       if (row_bytes == NULL) abort();
-      pe_gather_row(fields, seg->nfields, src, row_bytes);
+      gather_segment_row(seg, i, row_bytes);
       memcpy(dst, row_bytes + off, take);
     }
     dst += take;
@@ -742,10 +759,11 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
     const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
     const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
     for (int64_t k = 0; k < seg->nrows; ++k, ++out) {
-      const int64_t at = index ? index[k] : seg->first + k;
-      const uint8_t *src = pe_source_row(fields, seg->nfields, at, x->row_bytes);  // no copy when it is one
+      // no copy when the source row already is the wire row
+      const uint8_t *src =
+          seg->group_end ? NULL : pe_source_row(fields, seg->nfields, index ? index[k] : seg->first + k, x->row_bytes);
       if (src == NULL) {
-        pe_gather_row(fields, seg->nfields, at, row);
+        gather_segment_row(seg, k, row);
         src = row;
       }
       if (apply_row(r, out, src) != 0) {

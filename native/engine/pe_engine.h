@@ -59,13 +59,19 @@ typedef struct pe_field {
 } pe_field_t;
 
 // Rows of a message taken from one set of tensors: row i is source row index[i] (or first + i).
+// With `group_end`, row i is instead a weighted sum of source rows: sum over j in
+// [group_end[i - 1], group_end[i]) (from 0 for row 0) of weights[j] * source row index[j], summed
+// in float32 and cast to the wire type (PE_GATHER fields of float types only; an LL combine's
+// partial sums per token on the expert side).
 typedef struct pe_segment {
-  uint64_t fields;  // const pe_field_t *
-  uint64_t index;   // const int64_t *, or 0
+  uint64_t fields;     // const pe_field_t *
+  uint64_t index;      // const int64_t *, or 0
   int64_t first;
   int64_t nrows;
   int32_t nfields;
   int32_t pad;
+  uint64_t group_end;  // const int64_t * [nrows], or 0
+  uint64_t weights;    // const float * per index entry (with group_end)
 } pe_segment_t;
 
 // The message to one peer: its segments back to back, and its header counts.

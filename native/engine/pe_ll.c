@@ -94,6 +94,11 @@ struct pe_ll {
   int32_t *lists;        // [world, tokens, topk]: the rank's local expert of each selection, or -1
   pe_fanout_t *fanout;   // receive side: per peer, where its rows go (cursor / end per local expert)
   int64_t *cursor, *end;
+  // A combine that sums on the expert side: the weights of this rank's selections (by rank, token,
+  // k) and those of the rows it received (by source, token, k), each with its token.
+  pe_ll_weight_t *weights_sent, *weights_received;
+  int64_t *group_end;    // per received wire row: end of its selections among the source's rows
+  float *group_weights;  // the weights of the received rows, as floats
 };
 
 void pe_ll_free(pe_ll_t *ll) {
@@ -111,6 +116,10 @@ void pe_ll_free(pe_ll_t *ll) {
   free(ll->fanout);
   free(ll->cursor);
   free(ll->end);
+  free(ll->weights_sent);
+  free(ll->weights_received);
+  free(ll->group_end);
+  free(ll->group_weights);
   free(ll);
 }
 
@@ -401,6 +410,149 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
   }
   x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
                         flags, err);
+  if (x != NULL && pe_exchange_push(x, err) != 0) {
+    pe_exchange_free(x);
+    x = NULL;
+  }
+done:
+  free(peers);
+  free(sends);
+  free(segs);
+  free(recvs);
+  return x;
+}
+
+// ---------------------------------------------------------------------------- expert-side sums
+// The combine in two exchanges: the weights go to the experts, then one partial sum per (token,
+// expert rank) comes back instead of one row per selection.
+
+// The combine's ranks (today's unmasked ones) into a fresh array; NULL when out of memory.
+static int32_t *combine_peers(pe_engine_t *e, pe_ll_t *ll, const char *op, const uint8_t *masked, int *npeers,
+                              char *err) {
+  if (ll->positions == NULL) {
+    pe_err(err, "%s: the dispatch's rows have not been received", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    return NULL;
+  }
+  int32_t *peers = malloc((size_t)ll->world * sizeof *peers);
+  if (peers == NULL) {
+    pe_err(err, "%s: out of memory", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    return NULL;
+  }
+  *npeers = ll_peers(ll->rank, ll->world, masked, peers);
+  return peers;
+}
+
+pe_exchange_t *pe_ll_combine_weights(pe_engine_t *e, pe_ll_t *ll, const char *op, const float *topk_weights,
+                                     const uint8_t *masked, int flags, char *err) {
+  int npeers = 0;
+  int32_t *peers = combine_peers(e, ll, op, masked, &npeers, err);
+  if (peers == NULL) return NULL;
+  const int64_t nsel = ll->rank_first[ll->world], nrecv = ll->source_first[ll->world];
+  free(ll->weights_sent);
+  free(ll->weights_received);
+  ll->weights_sent = malloc((size_t)(nsel > 0 ? nsel : 1) * sizeof *ll->weights_sent);
+  // zeros: a source that drops out sends none, and its rows then sum to nothing
+  ll->weights_received = calloc((size_t)(nrecv > 0 ? nrecv : 1), sizeof *ll->weights_received);
+  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
+  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
+  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
+  pe_exchange_t *x = NULL;
+  if (!ll->weights_sent || !ll->weights_received || !sends || !segs || !recvs) {
+    pe_err(err, "%s: out of memory", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    goto done;
+  }
+  for (int64_t i = 0; i < nsel; ++i)
+    ll->weights_sent[i] = (pe_ll_weight_t){topk_weights[ll->token[i] * ll->topk + ll->k[i]], (int32_t)ll->token[i]};
+  const int32_t width = (int32_t)sizeof(pe_ll_weight_t);
+  const pe_field_t send_field = {.base = (uint64_t)(uintptr_t)ll->weights_sent, .row_stride = width,
+                                 .elem_stride = 1, .count = width, .mem_type = PE_U8, .wire_type = PE_U8,
+                                 .kind = PE_GATHER};
+  const pe_field_t recv_field = {.base = (uint64_t)(uintptr_t)ll->weights_received, .row_stride = width,
+                                 .elem_stride = 1, .count = width, .mem_type = PE_U8, .wire_type = PE_U8,
+                                 .kind = PE_SCATTER};
+  for (int i = 0; i < npeers; ++i) {
+    const int r = peers[i];
+    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)&send_field, .first = ll->rank_first[r],
+                             .nrows = ll->rank_first[r + 1] - ll->rank_first[r], .nfields = 1};
+    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = segs[i].nrows > 0};
+    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)&recv_field, .first = ll->source_first[r],
+                           .expect_rows = ll->source_first[r + 1] - ll->source_first[r], .nfields = 1};
+  }
+  x = pe_exchange_start(e, op, npeers, peers, sends, width, 0, recvs, flags, err);
+  if (x != NULL && pe_exchange_push(x, err) != 0) {
+    pe_exchange_free(x);
+    x = NULL;
+  }
+done:
+  free(peers);
+  free(sends);
+  free(segs);
+  free(recvs);
+  return x;
+}
+
+pe_exchange_t *pe_ll_combine_sums(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields,
+                                  int nsend, const pe_field_t *acc_fields, int nacc, uint8_t *touched,
+                                  const uint8_t *masked, const uint8_t *ignore, pe_final_t *final, int flags,
+                                  char *err) {
+  int npeers = 0;
+  int32_t *peers = combine_peers(e, ll, op, masked, &npeers, err);
+  if (peers == NULL) return NULL;
+  if (ll->weights_received == NULL) {
+    free(peers);
+    pe_err(err, "%s: the combine's weights have not been exchanged", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    return NULL;
+  }
+  const int64_t nrecv = ll->source_first[ll->world];
+  free(ll->group_end);
+  free(ll->group_weights);
+  ll->group_end = malloc((size_t)(nrecv > 0 ? nrecv : 1) * sizeof *ll->group_end);
+  ll->group_weights = malloc((size_t)(nrecv > 0 ? nrecv : 1) * sizeof *ll->group_weights);
+  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
+  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
+  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
+  pe_exchange_t *x = NULL;
+  if (!ll->group_end || !ll->group_weights || !sends || !segs || !recvs) {
+    pe_err(err, "%s: out of memory", op);
+    pe_engine_fail(e, PE_ERR_USAGE);
+    goto done;
+  }
+  if (ll->tokens == 0) final = NULL;  // nothing to count down (and no rows to reduce)
+  if (final != NULL) {  // each token's countdown: the combine's ranks it went to
+    int32_t *remaining = (int32_t *)(uintptr_t)final->remaining;
+    memset(remaining, 0, (size_t)ll->tokens * sizeof *remaining);
+    for (int i = 0; i < npeers; ++i)
+      for (int64_t j = ll->wire_first[peers[i]]; j < ll->wire_first[peers[i] + 1]; ++j) remaining[ll->wire_token[j]]++;
+  }
+  for (int i = 0; i < npeers; ++i) {
+    const int r = peers[i];
+    // r's selections on this rank arrive by (token, k): a token's run of them is one partial sum
+    const int64_t first = ll->source_first[r], n = ll->source_first[r + 1] - first;
+    int64_t groups = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const pe_ll_weight_t *w = &ll->weights_received[first + j];
+      ll->group_weights[first + j] = w->weight;
+      if (j > 0 && w->token != w[-1].token) ll->group_end[first + groups++] = j;
+    }
+    if (n > 0) ll->group_end[first + groups++] = n;
+    if (ignore != NULL && ignore[r]) groups = 0;  // its weights never came: nothing to send it
+    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
+                             .index = (uint64_t)(uintptr_t)(ll->positions + first), .nrows = groups,
+                             .nfields = nsend, .group_end = (uint64_t)(uintptr_t)(ll->group_end + first),
+                             .weights = (uint64_t)(uintptr_t)(ll->group_weights + first)};
+    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = groups > 0};
+    const int64_t wire = ll->wire_first[r];
+    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
+                           .index = (uint64_t)(uintptr_t)(ll->wire_token + wire),
+                           .touched = (uint64_t)(uintptr_t)touched, .expect_rows = ll->wire_first[r + 1] - wire,
+                           .nfields = nacc, .final = (uint64_t)(uintptr_t)final};
+  }
+  x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags,
+                        err);
   if (x != NULL && pe_exchange_push(x, err) != 0) {
     pe_exchange_free(x);
     x = NULL;

@@ -285,6 +285,59 @@ void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const 
   }
 }
 
+static int float_type(int type) { return type == PE_BF16 || type == PE_F16 || type == PE_F32; }
+
+int pe_fields_summable(const pe_field_t *fields, int nfields) {
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    if (f->kind != PE_GATHER || !float_type(f->mem_type) || !float_type(f->wire_type) ||
+        f->elem_stride != pe_type_size(f->mem_type))
+      return 0;
+  }
+  return 1;
+}
+
+// The weighted sum of rows index[0..nrows) of `f` (elements of TYPE read by LOAD), block by block
+// in a float32 buffer that stays in L1, cast into `out` (of out_type).
+#define PE_SUM_ROWS(name, TYPE, LOAD)                                                                          \
+  PE_WIDE static void name(const pe_field_t *f, const int64_t *index, const float *restrict w, int64_t nrows, \
+                           uint8_t *restrict out, int out_type) {                                             \
+    float sum[RUN_BLOCK];                                                                                      \
+    const int64_t n = f->count;                                                                                \
+    for (int64_t c = 0; c < n; c += RUN_BLOCK) {                                                               \
+      const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;                                                 \
+      if (nrows == 0) memset(sum, 0, (size_t)m * sizeof *sum);                                                 \
+      for (int64_t r = 0; r < nrows; ++r) {                                                                    \
+        const TYPE *row = (const TYPE *)row_at(f, index[r]) + c;                                               \
+        const float wr = w[r];                                                                                 \
+        if (r == 0) {                                                                                          \
+          for (int64_t i = 0; i < m; ++i) sum[i] = wr * LOAD(row[i]);                                          \
+        } else {                                                                                               \
+          for (int64_t i = 0; i < m; ++i) sum[i] += wr * LOAD(row[i]);                                         \
+        }                                                                                                      \
+      }                                                                                                        \
+      put_final(out, out_type, c, sum, m);                                                                     \
+    }                                                                                                          \
+  }
+
+PE_SUM_ROWS(sum_rows_bf16, uint16_t, bf16_to_f32)
+PE_SUM_ROWS(sum_rows_f16, uint16_t, f16_to_f32)
+PE_SUM_ROWS(sum_rows_f32, float, f32_identity)
+
+void pe_gather_sum(const pe_field_t *fields, int nfields, const int64_t *index, const float *weights, int64_t n,
+                   uint8_t *dst) {
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    if (f->mem_type == PE_BF16)
+      sum_rows_bf16(f, index, weights, n, dst, f->wire_type);
+    else if (f->mem_type == PE_F16)
+      sum_rows_f16(f, index, weights, n, dst, f->wire_type);
+    else
+      sum_rows_f32(f, index, weights, n, dst, f->wire_type);
+    dst += (int64_t)f->count * pe_type_size(f->wire_type);
+  }
+}
+
 // ------------------------------------------------------------------------------------ FP8 cast
 // float -> e4m3fn with round-to-nearest-even, as c10's fp8e4m3fn_from_fp32_value: magnitudes from
 // 480 up become NaN (0x7f), the smallest ones subnormals. Branch-free (masks instead of tests) so

@@ -13,6 +13,13 @@ int pe_type_size(int type);
 int pe_fields_check(const pe_field_t *fields, int nfields, int sending, char *err);
 // Write source row `index` as wire bytes at `dst`.
 void pe_gather_row(const pe_field_t *fields, int nfields, int64_t index, uint8_t *dst);
+// Whether every field is a PE_GATHER of float rows (BF16, F16, F32; contiguous): rows of it can be
+// summed (pe_gather_sum).
+int pe_fields_summable(const pe_field_t *fields, int nfields);
+// Write the weighted sum of source rows index[0..n) (weights[j] each) as one wire row at `dst`:
+// float32 sums in index order, cast to each field's wire type (zeros for n = 0).
+void pe_gather_sum(const pe_field_t *fields, int nfields, const int64_t *index, const float *weights, int64_t n,
+                   uint8_t *dst);
 // Source row `index` itself when it already is the wire row (one field, a plain contiguous copy of
 // `row_bytes`): a rank's rows to itself are then applied straight from it. NULL otherwise.
 const uint8_t *pe_source_row(const pe_field_t *fields, int nfields, int64_t index, int64_t row_bytes);
