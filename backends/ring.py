@@ -357,6 +357,8 @@ class RingBackend(CommBackend):
         self.group, self.timeout_s = group, timeout_s
         self.failed: str | None = None
         self._ll_scopes: dict[tuple[bool, ...], tuple[torch.Tensor, int, list[int], frozenset[int]]] = {}
+        self._ll_plans: dict[tuple[str, frozenset[int], bool], Plan] = {}
+        self._world_ranks = list(range(topology.num_ranks))
         self.session = session_for(group)
         self.prefix = self.session.new_prefix()
         self._last_failure_poll = 0.0
@@ -455,8 +457,11 @@ class RingBackend(CommBackend):
 
     def _ll_pending(self, op: str, masked: torch.Tensor, drop_dead: bool, exchange: native.Exchange) -> _EnginePending:
         _, _, ranks, exclude = self._ll_scope(masked)
-        plan = Plan(op, "world", RowLayout([]), [], exclude=exclude, drop_dead=drop_dead)
-        return _EnginePending(self, plan, exchange, ranks, list(range(self.topology.num_ranks)))
+        key = (op, exclude, drop_dead)
+        plan = self._ll_plans.get(key)  # the same few every call: kept
+        if plan is None:
+            plan = self._ll_plans[key] = Plan(op, "world", RowLayout([]), [], exclude=exclude, drop_dead=drop_dead)
+        return _EnginePending(self, plan, exchange, ranks, self._world_ranks)
 
     def ll_dispatch(self, op: str, topk_idx: torch.Tensor, num_experts: int, masked: torch.Tensor,
                     shape: Sequence[int], columns: Sequence[torch.Tensor], layout: RowLayout,

@@ -159,8 +159,16 @@ def lib() -> ctypes.CDLL:
     return so
 
 
+_ERR_BUFFERS = threading.local()
+
+
 def _err() -> ctypes.Array:
-    return ctypes.create_string_buffer(ERR_LEN)
+    """This thread's buffer for an engine call's error text, emptied (one per thread, reused)."""
+    buf = getattr(_ERR_BUFFERS, "buf", None)
+    if buf is None:
+        buf = _ERR_BUFFERS.buf = ctypes.create_string_buffer(ERR_LEN)
+    buf[0] = 0
+    return buf
 
 
 def _text(buf: ctypes.Array) -> str:

@@ -559,7 +559,11 @@ class Buffer:
         slots = self.group_size * num_max_tokens
         check.check_tensor(op, "x", x, torch.bfloat16, (local_experts, slots, hidden))
         check.check_device(op, self.device, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
-        check.check_topk_idx(op, topk_idx, num_experts)
+        dispatched = getattr(handle, "dispatch", None)
+        if dispatched is not None and topk_idx is dispatched.topk_idx and topk_idx._version == dispatched.topk_version:
+            check.check_tensor(op, "topk_idx", topk_idx, torch.int64, (None, None))  # its values were checked
+        else:
+            check.check_topk_idx(op, topk_idx, num_experts)
         num_tokens = topk_idx.size(0)
         if num_tokens > num_max_tokens:
             raise ValueError(f"{op}: topk_idx has {num_tokens} tokens > num_max_dispatch_tokens_per_rank="
