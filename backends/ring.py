@@ -278,9 +278,9 @@ class _SteppedPending(PendingRows):
     completed, given the ranks dropped from it."""
 
     def __init__(self, first: _EnginePending, then: Callable[[frozenset[int]], _EnginePending]) -> None:
-        self.current: _EnginePending | None = first
-        self.steps = [then]
-        self._dropped: frozenset[int] = frozenset()
+        self.first: _EnginePending | None = first
+        self.second: _EnginePending | None = None
+        self.then = then
 
     def headers(self) -> tuple[list[int], torch.Tensor]:
         raise NotImplementedError("the engine reads this exchange's headers itself")
@@ -289,14 +289,14 @@ class _SteppedPending(PendingRows):
         raise NotImplementedError("the engine places this exchange's rows itself")
 
     def wait(self) -> None:
-        while self.current is not None:
-            self.current.wait()
-            self._dropped |= self.current.dropped
-            self.current = self.steps.pop(0)(self._dropped) if self.steps else None
+        if self.second is None:
+            self.first.wait()
+            self.second = self.then(self.first.dropped)
+        self.second.wait()
 
     @property
     def dropped(self) -> frozenset[int]:
-        return self._dropped | (self.current.dropped if self.current is not None else frozenset())
+        return self.first.dropped | (self.second.dropped if self.second is not None else frozenset())
 
 
 class _StagedPending(PendingRows):
@@ -541,7 +541,7 @@ class RingBackend(CommBackend):
                                                                           drop_dead))
         first = self._ll_pending(weights_op, masked, drop_dead, exchange)
 
-        def sums(dropped: frozenset[int]) -> _EnginePending | None:
+        def sums(dropped: frozenset[int]) -> _EnginePending:
             ignore = np.zeros(self.topology.num_ranks, dtype=np.uint8)
             ignore[sorted(dropped)] = 1
             sums_exchange = self.guarded(op, lambda: route.combine_sums(op, npeers, send_fields, acc_fields, touched,

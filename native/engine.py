@@ -692,7 +692,7 @@ class LLRoute:
         ``final_fields`` (scatter fields over the result rows), each token's last row writes its
         sum there."""
         err = _err()
-        final = self._final(final_fields, keep)
+        final, kept = self._final(final_fields)
         handle = lib().pe_ll_combine(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
                                      send_fields.size, topk_weights.data_ptr(), weights.data_ptr(),
                                      acc_fields.ctypes.data, acc_fields.size, touched.data_ptr(),
@@ -701,8 +701,8 @@ class LLRoute:
                                      err)
         if not handle:
             _check(-1, err, self.engine.ptr)
-        return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, topk_weights, weights, touched,
-                                                    self])
+        return Exchange(self.engine, handle, npeers, 0, [*keep, *kept, send_fields, acc_fields, topk_weights, weights,
+                                                    touched, self])
 
     def combine_weights(self, op: str, npeers: int, topk_weights: Any, masked: Any, drop_dead: bool) -> Exchange:
         """First step of a combine summed on the expert side (see ``pe_ll_combine_weights``): the
@@ -722,7 +722,7 @@ class LLRoute:
         weighted sum per token back, reduced here into ``acc_fields`` (``final_fields`` as in
         :meth:`combine`); sources in ``ignore`` (uint8 per rank) are sent nothing."""
         err = _err()
-        final = self._final(final_fields, keep)
+        final, kept = self._final(final_fields)
         handle = lib().pe_ll_combine_sums(self.engine.ptr, self._ll, op.encode(), send_fields.ctypes.data,
                                           send_fields.size, acc_fields.ctypes.data, acc_fields.size,
                                           touched.data_ptr(), masked.data_ptr() if masked is not None else None,
@@ -730,17 +730,18 @@ class LLRoute:
                                           DROP_DEAD if drop_dead else 0, err)
         if not handle:
             _check(-1, err, self.engine.ptr)
-        return Exchange(self.engine, handle, npeers, 0, [*keep, send_fields, acc_fields, touched, ignore, self])
+        return Exchange(self.engine, handle, npeers, 0, [*keep, *kept, send_fields, acc_fields, touched, ignore,
+                                                    self])
 
-    def _final(self, final_fields: np.ndarray | None, keep: list[Any]) -> np.ndarray | None:
-        """A ``pe_final_t`` over ``final_fields`` (its countdowns written by the engine), kept in ``keep``."""
+    def _final(self, final_fields: np.ndarray | None) -> tuple[np.ndarray | None, list[Any]]:
+        """A ``pe_final_t`` over ``final_fields`` (its countdowns written by the engine), and what it
+        points to, to keep alive with the exchange."""
         if final_fields is None:
-            return None
+            return None, []
         remaining = np.empty(max(self.tokens, 1), dtype=np.int32)
         final = np.zeros(1, dtype=FINAL_DTYPE)
         final[0] = (remaining.ctypes.data, final_fields.ctypes.data, final_fields.size, 0)
-        keep += [remaining, final, final_fields]
-        return final
+        return final, [remaining, final, final_fields]
 
 
 def _optional_fields(fields: np.ndarray | None) -> tuple[int | None, int]:

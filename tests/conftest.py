@@ -113,3 +113,21 @@ def pool4(rank_pools: Callable[[int], RankPool]) -> RankPool:
 @pytest.fixture(scope="session")
 def pool8(rank_pools: Callable[[int], RankPool]) -> RankPool:
     return rank_pools(8)
+
+
+@pytest.fixture
+def pair() -> Iterator[list]:
+    """Two engines of one process (ranks 0 and 1 of a pair), each with a direct window to the
+    other: 4 slots of 4 KiB per pair, so that messages span chunks and wait for credits."""
+    from portep.native import engine as native
+
+    signals, data = native.Engine.window_size(2, 4, 4096)
+    windows = [native.Window.create(signals, data) for _ in range(2)]
+    engines = [native.Engine(rank, 2, 4, 4096, windows[rank]) for rank in range(2)]
+    engines[0].set_direct(1, windows[1])
+    engines[1].set_direct(0, windows[0])
+    yield engines
+    for e in engines:
+        e.destroy()
+    for w in windows:
+        w.close()

@@ -5,30 +5,13 @@ list names a destination outside what it announced."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from portep.native import engine as native
 
-SLOTS, CHUNK = 4, 4096
 WIDTH = 3  # int32 payload per row; then a list of LIST keys
 LIST = 2
-
-
-@pytest.fixture
-def pair() -> Iterator[list[native.Engine]]:
-    signals, data = native.Engine.window_size(2, SLOTS, CHUNK)
-    windows = [native.Window.create(signals, data) for _ in range(2)]
-    engines = [native.Engine(rank, 2, SLOTS, CHUNK, windows[rank]) for rank in range(2)]
-    engines[0].set_direct(1, windows[1])
-    engines[1].set_direct(0, windows[0])
-    yield engines
-    for e in engines:
-        e.destroy()
-    for w in windows:
-        w.close()
 
 
 def _field(base: int, row_stride: int, count: int, kind: int) -> tuple:

@@ -5,31 +5,14 @@ goes to a peer (rows straddling chunks included) or to the rank itself."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 
 from portep.native import engine as native
 
-SLOTS, CHUNK = 4, 4096
 HIDDEN = 1000  # 2000-byte bf16 rows: some straddle two chunks
 TYPES = {torch.bfloat16: native.BF16, torch.float16: native.F16, torch.float32: native.F32, torch.int32: native.I32}
-
-
-@pytest.fixture
-def pair() -> Iterator[list[native.Engine]]:
-    signals, data = native.Engine.window_size(2, SLOTS, CHUNK)
-    windows = [native.Window.create(signals, data) for _ in range(2)]
-    engines = [native.Engine(rank, 2, SLOTS, CHUNK, windows[rank]) for rank in range(2)]
-    engines[0].set_direct(1, windows[1])
-    engines[1].set_direct(0, windows[0])
-    yield engines
-    for e in engines:
-        e.destroy()
-    for w in windows:
-        w.close()
 
 
 def _field(t: torch.Tensor, kind: int, wire: torch.dtype | None = None) -> tuple:

@@ -96,9 +96,10 @@ struct pe_ll {
   int64_t *cursor, *end;
   // A combine that sums on the expert side: the weights of this rank's selections (by rank, token,
   // k) and those of the rows it received (by source, token, k), each with its token.
-  pe_ll_weight_t *weights_sent, *weights_received;
-  int64_t *group_end;    // per received wire row: end of its selections among the source's rows
-  float *group_weights;  // the weights of the received rows, as floats
+  float *weights_sent;       // per selection sent: its weight
+  float *weights_received;   // per row received: its weight (0 when its source dropped out)
+  int64_t *tokens_received;  // per row received: its source's token
+  int64_t *group_end;        // per received wire row: end of its selections among the source's rows
 };
 
 void pe_ll_free(pe_ll_t *ll) {
@@ -118,8 +119,8 @@ void pe_ll_free(pe_ll_t *ll) {
   free(ll->end);
   free(ll->weights_sent);
   free(ll->weights_received);
+  free(ll->tokens_received);
   free(ll->group_end);
-  free(ll->group_weights);
   free(ll);
 }
 
@@ -368,199 +369,183 @@ done:
   return rc;
 }
 
-pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
-                             const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
-                             uint8_t *touched, const uint8_t *masked, pe_final_t *final, int flags, char *err) {
+// ---------------------------------------------------------------------------- combines
+// A combine runs among today's unmasked ranks, one message to each: its spec arrays.
+typedef struct combine_specs {
+  int32_t *peers;
+  int npeers;
+  pe_send_t *sends;
+  pe_segment_t *segs;
+  pe_recv_t *recvs;
+} combine_specs_t;
+
+static void combine_specs_free(combine_specs_t *c) {
+  free(c->peers);
+  free(c->sends);
+  free(c->segs);
+  free(c->recvs);
+}
+
+// 0, or -1 (with `err`) when the dispatch has not been received or memory ran out.
+static int combine_specs(pe_engine_t *e, const pe_ll_t *ll, const char *op, const uint8_t *masked,
+                         combine_specs_t *c, char *err) {
+  *c = (combine_specs_t){0};
   if (ll->positions == NULL) {
     pe_err(err, "%s: the dispatch's rows have not been received", op);
     pe_engine_fail(e, PE_ERR_USAGE);
-    return NULL;
+    return -1;
   }
-  int32_t *peers = malloc((size_t)ll->world * sizeof *peers);  // the combine's ranks: today's unmasked ones
-  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
-  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
-  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
-  pe_exchange_t *x = NULL;
-  if (peers == NULL || sends == NULL || segs == NULL || recvs == NULL) {
+  c->peers = malloc((size_t)ll->world * sizeof *c->peers);
+  c->sends = calloc((size_t)ll->world, sizeof *c->sends);
+  c->segs = calloc((size_t)ll->world, sizeof *c->segs);
+  c->recvs = calloc((size_t)ll->world, sizeof *c->recvs);
+  if (!c->peers || !c->sends || !c->segs || !c->recvs) {
+    combine_specs_free(c);
     pe_err(err, "%s: out of memory", op);
     pe_engine_fail(e, PE_ERR_USAGE);
-    goto done;
+    return -1;
   }
-  const int npeers = ll_peers(ll->rank, ll->world, masked, peers);
-  const int64_t nsel = ll->rank_first[ll->world];
-  for (int64_t i = 0; i < nsel; ++i) weights[i] = topk_weights[ll->token[i] * ll->topk + ll->k[i]];
-  if (ll->tokens == 0) final = NULL;  // nothing to count down (and no rows to reduce)
-  if (final != NULL) {  // each token's countdown: its selections on the combine's ranks
-    int32_t *remaining = (int32_t *)(uintptr_t)final->remaining;
-    memset(remaining, 0, (size_t)ll->tokens * sizeof *remaining);
-    for (int i = 0; i < npeers; ++i)
-      for (int64_t j = ll->rank_first[peers[i]]; j < ll->rank_first[peers[i] + 1]; ++j) remaining[ll->token[j]]++;
-  }
-  for (int i = 0; i < npeers; ++i) {
-    const int r = peers[i];
-    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
-                             .index = (uint64_t)(uintptr_t)(ll->positions + ll->source_first[r]),
-                             .nrows = ll->source_first[r + 1] - ll->source_first[r], .nfields = nsend};
-    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = segs[i].nrows > 0};
-    const int64_t first = ll->rank_first[r];
-    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields, .index = (uint64_t)(uintptr_t)(ll->token + first),
-                           .weights = (uint64_t)(uintptr_t)(weights + first), .touched = (uint64_t)(uintptr_t)touched,
-                           .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc,
-                           .final = (uint64_t)(uintptr_t)final};
-  }
-  x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs,
-                        flags, err);
+  c->npeers = ll_peers(ll->rank, ll->world, masked, c->peers);
+  return 0;
+}
+
+// Start the combine's exchange from its specs (freed here) and send what credits allow.
+static pe_exchange_t *combine_start(pe_engine_t *e, const char *op, combine_specs_t *c, int64_t row_bytes,
+                                    int flags, char *err) {
+  pe_exchange_t *x = pe_exchange_start(e, op, c->npeers, c->peers, c->sends, row_bytes, 0, c->recvs, flags, err);
   if (x != NULL && pe_exchange_push(x, err) != 0) {
     pe_exchange_free(x);
     x = NULL;
   }
-done:
-  free(peers);
-  free(sends);
-  free(segs);
-  free(recvs);
+  combine_specs_free(c);
   return x;
+}
+
+// Each token's countdown (pe_final_t): the items (tokens) in [first[r], first[r + 1]) of each of
+// the combine's ranks r. Returns `final`, or NULL when there is nothing to count down.
+static pe_final_t *count_down(const pe_ll_t *ll, const combine_specs_t *c, const int64_t *first,
+                              const int64_t *token, pe_final_t *final) {
+  if (final == NULL || ll->tokens == 0) return NULL;  // (and no rows to reduce)
+  int32_t *remaining = (int32_t *)(uintptr_t)final->remaining;
+  memset(remaining, 0, (size_t)ll->tokens * sizeof *remaining);
+  for (int i = 0; i < c->npeers; ++i)
+    for (int64_t j = first[c->peers[i]]; j < first[c->peers[i] + 1]; ++j) remaining[token[j]]++;
+  return final;
+}
+
+// Per selection sent (by rank, token, k): topk_weights[token, k].
+static void selection_weights(const pe_ll_t *ll, const float *topk_weights, float *weights) {
+  for (int64_t i = 0; i < ll->rank_first[ll->world]; ++i) weights[i] = topk_weights[ll->token[i] * ll->topk + ll->k[i]];
+}
+
+pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields, int nsend,
+                             const float *topk_weights, float *weights, const pe_field_t *acc_fields, int nacc,
+                             uint8_t *touched, const uint8_t *masked, pe_final_t *final, int flags, char *err) {
+  combine_specs_t c;
+  if (combine_specs(e, ll, op, masked, &c, err) != 0) return NULL;
+  selection_weights(ll, topk_weights, weights);
+  final = count_down(ll, &c, ll->rank_first, ll->token, final);  // a token's selections
+  for (int i = 0; i < c.npeers; ++i) {
+    const int r = c.peers[i];
+    c.segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
+                               .index = (uint64_t)(uintptr_t)(ll->positions + ll->source_first[r]),
+                               .nrows = ll->source_first[r + 1] - ll->source_first[r], .nfields = nsend};
+    c.sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&c.segs[i], .nsegments = c.segs[i].nrows > 0};
+    const int64_t first = ll->rank_first[r];
+    c.recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
+                             .index = (uint64_t)(uintptr_t)(ll->token + first),
+                             .weights = (uint64_t)(uintptr_t)(weights + first), .touched = (uint64_t)(uintptr_t)touched,
+                             .expect_rows = ll->rank_first[r + 1] - first, .nfields = nacc,
+                             .final = (uint64_t)(uintptr_t)final};
+  }
+  return combine_start(e, op, &c, pe_fields_wire_bytes(send_fields, nsend), flags, err);
 }
 
 // ---------------------------------------------------------------------------- expert-side sums
 // The combine in two exchanges: the weights go to the experts, then one partial sum per (token,
 // expert rank) comes back instead of one row per selection.
 
-// The combine's ranks (today's unmasked ones) into a fresh array; NULL when out of memory.
-static int32_t *combine_peers(pe_engine_t *e, pe_ll_t *ll, const char *op, const uint8_t *masked, int *npeers,
-                              char *err) {
-  if (ll->positions == NULL) {
-    pe_err(err, "%s: the dispatch's rows have not been received", op);
-    pe_engine_fail(e, PE_ERR_USAGE);
-    return NULL;
-  }
-  int32_t *peers = malloc((size_t)ll->world * sizeof *peers);
-  if (peers == NULL) {
-    pe_err(err, "%s: out of memory", op);
-    pe_engine_fail(e, PE_ERR_USAGE);
-    return NULL;
-  }
-  *npeers = ll_peers(ll->rank, ll->world, masked, peers);
-  return peers;
-}
-
 pe_exchange_t *pe_ll_combine_weights(pe_engine_t *e, pe_ll_t *ll, const char *op, const float *topk_weights,
                                      const uint8_t *masked, int flags, char *err) {
-  int npeers = 0;
-  int32_t *peers = combine_peers(e, ll, op, masked, &npeers, err);
-  if (peers == NULL) return NULL;
-  const int64_t nsel = ll->rank_first[ll->world], nrecv = ll->source_first[ll->world];
+  combine_specs_t c;
+  if (combine_specs(e, ll, op, masked, &c, err) != 0) return NULL;
+  const size_t nsel = (size_t)ll->rank_first[ll->world], nrecv = (size_t)ll->source_first[ll->world];
   free(ll->weights_sent);
   free(ll->weights_received);
-  ll->weights_sent = malloc((size_t)(nsel > 0 ? nsel : 1) * sizeof *ll->weights_sent);
+  free(ll->tokens_received);
+  ll->weights_sent = malloc((nsel ? nsel : 1) * sizeof *ll->weights_sent);
   // zeros: a source that drops out sends none, and its rows then sum to nothing
-  ll->weights_received = calloc((size_t)(nrecv > 0 ? nrecv : 1), sizeof *ll->weights_received);
-  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
-  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
-  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
-  pe_exchange_t *x = NULL;
-  if (!ll->weights_sent || !ll->weights_received || !sends || !segs || !recvs) {
+  ll->weights_received = calloc(nrecv ? nrecv : 1, sizeof *ll->weights_received);
+  ll->tokens_received = calloc(nrecv ? nrecv : 1, sizeof *ll->tokens_received);
+  if (!ll->weights_sent || !ll->weights_received || !ll->tokens_received) {
+    combine_specs_free(&c);
     pe_err(err, "%s: out of memory", op);
     pe_engine_fail(e, PE_ERR_USAGE);
-    goto done;
+    return NULL;
   }
-  for (int64_t i = 0; i < nsel; ++i)
-    ll->weights_sent[i] = (pe_ll_weight_t){topk_weights[ll->token[i] * ll->topk + ll->k[i]], (int32_t)ll->token[i]};
-  const int32_t width = (int32_t)sizeof(pe_ll_weight_t);
-  const pe_field_t send_field = {.base = (uint64_t)(uintptr_t)ll->weights_sent, .row_stride = width,
-                                 .elem_stride = 1, .count = width, .mem_type = PE_U8, .wire_type = PE_U8,
-                                 .kind = PE_GATHER};
-  const pe_field_t recv_field = {.base = (uint64_t)(uintptr_t)ll->weights_received, .row_stride = width,
-                                 .elem_stride = 1, .count = width, .mem_type = PE_U8, .wire_type = PE_U8,
-                                 .kind = PE_SCATTER};
-  for (int i = 0; i < npeers; ++i) {
-    const int r = peers[i];
-    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)&send_field, .first = ll->rank_first[r],
-                             .nrows = ll->rank_first[r + 1] - ll->rank_first[r], .nfields = 1};
-    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = segs[i].nrows > 0};
-    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)&recv_field, .first = ll->source_first[r],
-                           .expect_rows = ll->source_first[r + 1] - ll->source_first[r], .nfields = 1};
+  selection_weights(ll, topk_weights, ll->weights_sent);
+  // A row per selection: its weight, then its token (the selection's own array).
+  const pe_field_t send_fields[2] = {
+      {.base = (uint64_t)(uintptr_t)ll->weights_sent, .row_stride = 4, .elem_stride = 4, .count = 1,
+       .mem_type = PE_F32, .wire_type = PE_F32, .kind = PE_GATHER},
+      {.base = (uint64_t)(uintptr_t)ll->token, .row_stride = 8, .elem_stride = 8, .count = 1, .mem_type = PE_I64,
+       .wire_type = PE_I64, .kind = PE_GATHER}};
+  const pe_field_t recv_fields[2] = {
+      {.base = (uint64_t)(uintptr_t)ll->weights_received, .row_stride = 4, .elem_stride = 4, .count = 1,
+       .mem_type = PE_F32, .wire_type = PE_F32, .kind = PE_SCATTER},
+      {.base = (uint64_t)(uintptr_t)ll->tokens_received, .row_stride = 8, .elem_stride = 8, .count = 1,
+       .mem_type = PE_I64, .wire_type = PE_I64, .kind = PE_SCATTER}};
+  for (int i = 0; i < c.npeers; ++i) {
+    const int r = c.peers[i];
+    c.segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields, .first = ll->rank_first[r],
+                               .nrows = ll->rank_first[r + 1] - ll->rank_first[r], .nfields = 2};
+    c.sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&c.segs[i], .nsegments = c.segs[i].nrows > 0};
+    c.recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)recv_fields, .first = ll->source_first[r],
+                             .expect_rows = ll->source_first[r + 1] - ll->source_first[r], .nfields = 2};
   }
-  x = pe_exchange_start(e, op, npeers, peers, sends, width, 0, recvs, flags, err);
-  if (x != NULL && pe_exchange_push(x, err) != 0) {
-    pe_exchange_free(x);
-    x = NULL;
-  }
-done:
-  free(peers);
-  free(sends);
-  free(segs);
-  free(recvs);
-  return x;
+  return combine_start(e, op, &c, pe_fields_wire_bytes(send_fields, 2), flags, err);
 }
 
 pe_exchange_t *pe_ll_combine_sums(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields,
                                   int nsend, const pe_field_t *acc_fields, int nacc, uint8_t *touched,
                                   const uint8_t *masked, const uint8_t *ignore, pe_final_t *final, int flags,
                                   char *err) {
-  int npeers = 0;
-  int32_t *peers = combine_peers(e, ll, op, masked, &npeers, err);
-  if (peers == NULL) return NULL;
   if (ll->weights_received == NULL) {
-    free(peers);
     pe_err(err, "%s: the combine's weights have not been exchanged", op);
     pe_engine_fail(e, PE_ERR_USAGE);
     return NULL;
   }
-  const int64_t nrecv = ll->source_first[ll->world];
+  combine_specs_t c;
+  if (combine_specs(e, ll, op, masked, &c, err) != 0) return NULL;
+  const size_t nrecv = (size_t)ll->source_first[ll->world];
   free(ll->group_end);
-  free(ll->group_weights);
-  ll->group_end = malloc((size_t)(nrecv > 0 ? nrecv : 1) * sizeof *ll->group_end);
-  ll->group_weights = malloc((size_t)(nrecv > 0 ? nrecv : 1) * sizeof *ll->group_weights);
-  pe_send_t *sends = calloc((size_t)ll->world, sizeof *sends);
-  pe_segment_t *segs = calloc((size_t)ll->world, sizeof *segs);
-  pe_recv_t *recvs = calloc((size_t)ll->world, sizeof *recvs);
-  pe_exchange_t *x = NULL;
-  if (!ll->group_end || !ll->group_weights || !sends || !segs || !recvs) {
+  ll->group_end = malloc((nrecv ? nrecv : 1) * sizeof *ll->group_end);
+  if (ll->group_end == NULL) {
+    combine_specs_free(&c);
     pe_err(err, "%s: out of memory", op);
     pe_engine_fail(e, PE_ERR_USAGE);
-    goto done;
+    return NULL;
   }
-  if (ll->tokens == 0) final = NULL;  // nothing to count down (and no rows to reduce)
-  if (final != NULL) {  // each token's countdown: the combine's ranks it went to
-    int32_t *remaining = (int32_t *)(uintptr_t)final->remaining;
-    memset(remaining, 0, (size_t)ll->tokens * sizeof *remaining);
-    for (int i = 0; i < npeers; ++i)
-      for (int64_t j = ll->wire_first[peers[i]]; j < ll->wire_first[peers[i] + 1]; ++j) remaining[ll->wire_token[j]]++;
-  }
-  for (int i = 0; i < npeers; ++i) {
-    const int r = peers[i];
+  final = count_down(ll, &c, ll->wire_first, ll->wire_token, final);  // the ranks a token went to
+  for (int i = 0; i < c.npeers; ++i) {
+    const int r = c.peers[i];
     // r's selections on this rank arrive by (token, k): a token's run of them is one partial sum
     const int64_t first = ll->source_first[r], n = ll->source_first[r + 1] - first;
+    const int64_t *token = ll->tokens_received + first;
     int64_t groups = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const pe_ll_weight_t *w = &ll->weights_received[first + j];
-      ll->group_weights[first + j] = w->weight;
-      if (j > 0 && w->token != w[-1].token) ll->group_end[first + groups++] = j;
-    }
-    if (n > 0) ll->group_end[first + groups++] = n;
+    for (int64_t j = 1; j <= n; ++j)
+      if (j == n || token[j] != token[j - 1]) ll->group_end[first + groups++] = j;
     if (ignore != NULL && ignore[r]) groups = 0;  // its weights never came: nothing to send it
-    segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
-                             .index = (uint64_t)(uintptr_t)(ll->positions + first), .nrows = groups,
-                             .nfields = nsend, .group_end = (uint64_t)(uintptr_t)(ll->group_end + first),
-                             .weights = (uint64_t)(uintptr_t)(ll->group_weights + first)};
-    sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[i], .nsegments = groups > 0};
+    c.segs[i] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)send_fields,
+                               .index = (uint64_t)(uintptr_t)(ll->positions + first), .nrows = groups,
+                               .nfields = nsend, .group_end = (uint64_t)(uintptr_t)(ll->group_end + first),
+                               .weights = (uint64_t)(uintptr_t)(ll->weights_received + first)};
+    c.sends[i] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&c.segs[i], .nsegments = groups > 0};
     const int64_t wire = ll->wire_first[r];
-    recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
-                           .index = (uint64_t)(uintptr_t)(ll->wire_token + wire),
-                           .touched = (uint64_t)(uintptr_t)touched, .expect_rows = ll->wire_first[r + 1] - wire,
-                           .nfields = nacc, .final = (uint64_t)(uintptr_t)final};
+    c.recvs[i] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)acc_fields,
+                             .index = (uint64_t)(uintptr_t)(ll->wire_token + wire),
+                             .touched = (uint64_t)(uintptr_t)touched, .expect_rows = ll->wire_first[r + 1] - wire,
+                             .nfields = nacc, .final = (uint64_t)(uintptr_t)final};
   }
-  x = pe_exchange_start(e, op, npeers, peers, sends, pe_fields_wire_bytes(send_fields, nsend), 0, recvs, flags,
-                        err);
-  if (x != NULL && pe_exchange_push(x, err) != 0) {
-    pe_exchange_free(x);
-    x = NULL;
-  }
-done:
-  free(peers);
-  free(sends);
-  free(segs);
-  free(recvs);
-  return x;
+  return combine_start(e, op, &c, pe_fields_wire_bytes(send_fields, nsend), flags, err);
 }

@@ -71,10 +71,6 @@ pe_exchange_t *pe_ll_combine(pe_engine_t *e, pe_ll_t *ll, const char *op, const 
 //    to the wire type); the sums from each rank reduce (weight 1) into `acc_fields` as in
 //    pe_ll_combine (`touched`, `final` likewise; a token's countdown is the ranks it went to).
 //    Sources in `ignore` (dropped from the first exchange; may be NULL) are sent nothing.
-typedef struct pe_ll_weight {
-  float weight;
-  int32_t token;
-} pe_ll_weight_t;
 pe_exchange_t *pe_ll_combine_weights(pe_engine_t *e, pe_ll_t *ll, const char *op, const float *topk_weights,
                                      const uint8_t *masked, int flags, char *err);
 pe_exchange_t *pe_ll_combine_sums(pe_engine_t *e, pe_ll_t *ll, const char *op, const pe_field_t *send_fields,
