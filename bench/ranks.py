@@ -6,6 +6,12 @@ checked against :mod:`portep.reference` (and fails the run if wrong) and sets th
 iterations (within ``[min_iters, max_iters]``, about ``point_budget_s`` per point); the last timed
 combine must still give the checked result. Sizes are swept in increasing order and the larger
 ones are skipped when they would not fit in ``time_budget_s``.
+
+A barrier before every op puts its exit skew (how much later the last rank leaves it than the
+first) into every sample; on an oversubscribed CPU that is a millisecond or two, as long as a small
+op itself. So each point is also timed as nccl-tests and DeepEP's tests do: round trips (dispatch
+then combine) back to back, a barrier only before each run of them, the time per round trip of the
+slowest rank (op ``B2B``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import baseline, checks
+from .analysis import B2B
 from .workload import (
     Inputs,
     Shape,
@@ -100,6 +107,25 @@ class Context:
         return [rank_inputs(self.spec.shape, r, tokens) for r in range(self.world)]
 
 
+B2B_REPEATS = 5
+
+
+def back_to_back(ctx: Context, round_trip: Callable[[], Any], timed_iters: int) -> tuple[list[float], Any]:
+    """Seconds per round trip of ``B2B_REPEATS`` runs of back-to-back round trips (a barrier before each run
+    only; about half as many round trips in all as ``timed_iters``), and the last round trip's result."""
+    per_run = max(2, timed_iters // (2 * B2B_REPEATS))
+    samples, last = [], None
+    for _ in range(B2B_REPEATS):
+        def run() -> Any:
+            out = None
+            for _ in range(per_run):
+                out = round_trip()
+            return out
+        last, t = ctx.timed(run)
+        samples.append(t / per_run)
+    return samples, last
+
+
 def _to(x: Any, device: torch.device) -> Any:
     return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
@@ -130,17 +156,23 @@ def bench_ht(ctx: Context, buffer: Any, tokens: int) -> None:
     check = checks.check_ht(shape, ref, recv_x, recv_idx, recv_w, counts, combined, everyone[ctx.rank], copies)
     _require(check, f"{impl} HT dispatch/combine, {tokens} tokens, rank {ctx.rank}")
     d_samples, c_samples = [], []
-    for _ in range(ctx.iterations(t_d + t_c)):
+    iters = ctx.iterations(t_d + t_c)
+    for _ in range(iters):
         out, t = ctx.timed(dispatch)
         d_samples.append(t)
         (combined, _, _), t = ctx.timed(lambda out=out: buffer.combine(y, out[4]))
         c_samples.append(t)
-    _require(checks.check_repeat(combined, checks.ht_expected(shape, everyone[ctx.rank], copies),
-                                 checks.HT_TOLERANCE, "HT"), f"{impl} HT, {tokens} tokens, rank {ctx.rank}")
+    expected = checks.ht_expected(shape, everyone[ctx.rank], copies)
+    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "HT"),
+             f"{impl} HT, {tokens} tokens, rank {ctx.rank}")
+    b2b, (combined, _, _) = back_to_back(ctx, lambda: buffer.combine(y, dispatch()[4]), iters)
+    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "HT back to back"),
+             f"{impl} HT back to back, {tokens} tokens, rank {ctx.rank}")
     rows = int(y.size(0))
-    ctx.record(impl, "HT", tokens, "dispatch", d_samples, ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch),
-               check)
-    ctx.record(impl, "HT", tokens, "combine", c_samples, ht_combine_bytes(rows, shape.hidden), check)
+    d_bytes, c_bytes = ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden)
+    ctx.record(impl, "HT", tokens, "dispatch", d_samples, d_bytes, check)
+    ctx.record(impl, "HT", tokens, "combine", c_samples, c_bytes, check)
+    ctx.record(impl, "HT", tokens, B2B, b2b, d_bytes + c_bytes, check)
 
 
 def bench_ll(ctx: Context, buffer: Any, tokens: int, num_max_tokens: int) -> None:
@@ -167,16 +199,23 @@ def bench_ll(ctx: Context, buffer: Any, tokens: int, num_max_tokens: int) -> Non
     check = checks.check_ll(shape, everyone, ctx.rank, num_max_tokens, recv_x, recv_count, handle, combined)
     _require(check, f"{impl} LL dispatch/combine, {tokens} tokens, rank {ctx.rank}")
     d_samples, c_samples = [], []
-    for _ in range(ctx.iterations(t_d + t_c)):
+    iters = ctx.iterations(t_d + t_c)
+    for _ in range(iters):
         out, t = ctx.timed(dispatch)
         d_samples.append(t)
         (combined, _, _), t = ctx.timed(lambda out=out: combine(out[2]))
         c_samples.append(t)
-    _require(checks.check_repeat(combined, checks.ll_expected(shape, everyone[ctx.rank]), checks.LL_TOLERANCE, "LL"),
+    expected = checks.ll_expected(shape, everyone[ctx.rank])
+    _require(checks.check_repeat(combined, expected, checks.LL_TOLERANCE, "LL"),
              f"{impl} LL, {tokens} tokens, rank {ctx.rank}")
-    ctx.record(impl, "LL", tokens, "dispatch", d_samples,
-               ll_dispatch_bytes(mine.topk_idx, shape.hidden, shape.fp8_dispatch), check)
-    ctx.record(impl, "LL", tokens, "combine", c_samples, ll_combine_bytes(mine.topk_idx, shape.hidden), check)
+    b2b, (combined, _, _) = back_to_back(ctx, lambda: combine(dispatch()[2]), iters)
+    _require(checks.check_repeat(combined, expected, checks.LL_TOLERANCE, "LL back to back"),
+             f"{impl} LL back to back, {tokens} tokens, rank {ctx.rank}")
+    d_bytes = ll_dispatch_bytes(mine.topk_idx, shape.hidden, shape.fp8_dispatch)
+    c_bytes = ll_combine_bytes(mine.topk_idx, shape.hidden)
+    ctx.record(impl, "LL", tokens, "dispatch", d_samples, d_bytes, check)
+    ctx.record(impl, "LL", tokens, "combine", c_samples, c_bytes, check)
+    ctx.record(impl, "LL", tokens, B2B, b2b, d_bytes + c_bytes, check)
 
 
 def bench_baseline(ctx: Context, mode: str, tokens: int) -> None:
@@ -204,17 +243,23 @@ def bench_baseline(ctx: Context, mode: str, tokens: int) -> None:
         check = checks.Check(False, check.diff, "recv topk_idx")
     _require(check, f"baseline ({mode} sizes), {tokens} tokens, rank {ctx.rank}")
     d_samples, c_samples = [], []
-    for _ in range(ctx.iterations(t_d + t_c)):
+    iters = ctx.iterations(t_d + t_c)
+    for _ in range(iters):
         (_, h), t = ctx.timed(dispatch)
         d_samples.append(t)
         combined, t = ctx.timed(lambda h=h: baseline.combine(y, h, ctx.group))
         c_samples.append(t)
-    _require(checks.check_repeat(combined, checks.ht_expected(shape, everyone[ctx.rank], copies),
-                                 checks.HT_TOLERANCE, "baseline"), f"baseline, {tokens} tokens, rank {ctx.rank}")
+    expected = checks.ht_expected(shape, everyone[ctx.rank], copies)
+    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "baseline"),
+             f"baseline, {tokens} tokens, rank {ctx.rank}")
+    b2b, combined = back_to_back(ctx, lambda: baseline.combine(y, dispatch()[1], ctx.group), iters)
+    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "baseline back to back"),
+             f"baseline back to back, {tokens} tokens, rank {ctx.rank}")
     rows = int(y.size(0))
-    ctx.record("baseline", mode, tokens, "dispatch", d_samples,
-               ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), check)
-    ctx.record("baseline", mode, tokens, "combine", c_samples, ht_combine_bytes(rows, shape.hidden), check)
+    d_bytes, c_bytes = ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden)
+    ctx.record("baseline", mode, tokens, "dispatch", d_samples, d_bytes, check)
+    ctx.record("baseline", mode, tokens, "combine", c_samples, c_bytes, check)
+    ctx.record("baseline", mode, tokens, B2B, b2b, d_bytes + c_bytes, check)
 
 
 def _group(spec: JobSpec, rank: int) -> tuple[Any, torch.device]:

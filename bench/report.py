@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from portep.costmodel import LinkFit, fit_problems
 
-from .analysis import Point
+from .analysis import B2B, Point
 
 
 def verdict(problems: Sequence[str]) -> str:
@@ -40,8 +40,9 @@ def results_table(points: Sequence[Point]) -> list[str]:
               "baseline ms", "x baseline", "limit ms", "of limit")
     rows = [header]
     order = {"LL": 0, "HT": 1}
+    op_order = {"dispatch": 0, "combine": 1}
     for p in sorted((p for p in points if p.impl != "baseline"),
-                    key=lambda p: (p.impl, p.backend, order.get(p.mode, 2), p.tokens, p.op != "dispatch")):
+                    key=lambda p: (p.impl, p.backend, order.get(p.mode, 2), p.tokens, op_order.get(p.op, 2))):
         b = base.get((p.mode, p.tokens, p.op))
         rows.append((p.impl, p.backend, p.mode, str(p.tokens), p.op, f"{p.median_s * 1e3:.3f}", f"{p.p99_s * 1e3:.3f}",
                      f"{p.bandwidth_Bps / 1e9:.2f}", str(len(p.samples_s)),
@@ -103,26 +104,33 @@ def model_lines(summary: Sequence[dict], c_tok: dict, gamma: float, ranks: int, 
 
 def markdown_summary(points: Sequence[Point], fitted: dict[tuple[str, str, str], LinkFit],
                      model: Sequence[str] = ()) -> str:
-    """Round trips per mode and size (median and p99 of each op, beside the baseline and the limit), the fits
-    with their status, then the ``model`` lines (see :func:`model_lines`), flags included."""
+    """Round trips per mode and size (median and p99 of each op, beside the baseline and the limit; then the
+    back-to-back round trip beside the baseline's), the fits with their status, then the ``model`` lines (see
+    :func:`model_lines`), flags included."""
     by_size: dict[tuple, dict[str, Point]] = {}
     for p in points:
         by_size.setdefault((p.impl, p.backend, p.mode, p.tokens), {})[p.op] = p
     lines = ["| impl | mode | tokens/rank | dispatch median / p99 ms | GB/s | combine median / p99 ms | GB/s "
-             "| baseline round trip ms | x baseline | of limit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| baseline round trip ms | x baseline | of limit | back to back ms | baseline back to back ms "
+             "| x baseline |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"LL": 0, "HT": 1}
     for (impl, backend, mode, tokens), ops in sorted(by_size.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                      order.get(kv[0][2], 2), kv[0][3])):
-        if impl == "baseline" or set(ops) != {"dispatch", "combine"}:
+        if impl == "baseline" or not {"dispatch", "combine"} <= ops.keys():
             continue
         d, c = ops["dispatch"], ops["combine"]
         base = by_size.get(("baseline", "all_to_all_single", mode, tokens), {})
         rt = d.median_s + c.median_s
-        base_rt = sum(p.median_s for p in base.values()) if len(base) == 2 else None
+        base_rt = base["dispatch"].median_s + base["combine"].median_s if {"dispatch", "combine"} <= base.keys() \
+            else None
+        b2b, base_b2b = ops.get(B2B), base.get(B2B)
         lines.append(f"| {impl} {backend} | {mode} | {tokens} | {d.median_s * 1e3:.2f} / {d.p99_s * 1e3:.2f} "
                      f"| {d.bandwidth_Bps / 1e9:.2f} | {c.median_s * 1e3:.2f} / {c.p99_s * 1e3:.2f} "
                      f"| {c.bandwidth_Bps / 1e9:.2f} | {f'{base_rt * 1e3:.2f}' if base_rt else '-'} "
-                     f"| {f'{base_rt / rt:.2f}x' if base_rt else '-'} | {(d.limit_s + c.limit_s) / rt:.1%} |")
+                     f"| {f'{base_rt / rt:.2f}x' if base_rt else '-'} | {(d.limit_s + c.limit_s) / rt:.1%} "
+                     f"| {f'{b2b.median_s * 1e3:.2f}' if b2b else '-'} "
+                     f"| {f'{base_b2b.median_s * 1e3:.2f}' if base_b2b else '-'} "
+                     f"| {f'{base_b2b.median_s / b2b.median_s:.2f}x' if b2b and base_b2b else '-'} |")
     lines += ["", "| fit t = 2(L + V/BW), L >= 0 | series | L (us) | BW (GB/s) | R^2 | points | status |",
               "|---|---|---:|---:|---:|---:|---|"]
     for (impl, backend, mode), f in sorted(fitted.items()):

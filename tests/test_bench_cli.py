@@ -38,7 +38,7 @@ def test_quick_bench_writes_results(tmp_path: Path, name: str) -> None:
     for impl in ("portep", "baseline"):
         for mode in ("LL", "HT"):
             for tokens in (4, 8):
-                for op in ("dispatch", "combine"):
+                for op in ("dispatch", "combine", "b2b round trip"):
                     assert (impl, mode, tokens, op) in combos
     for p in doc["points"]:
         assert p["check"]["ok"], p
@@ -49,7 +49,8 @@ def test_quick_bench_writes_results(tmp_path: Path, name: str) -> None:
     modes = {(f["impl"], f["mode"]) for f in doc["fits"]}
     assert {("portep", "LL"), ("portep", "HT"), ("baseline", "a2a")} <= modes
     assert doc["model"] and "crossover" in doc["model"][0]
-    assert "| portep" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| portep" in summary and "back to back ms" in summary
     for name in ("time_vs_payload.png", "vs_baseline.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
