@@ -82,7 +82,9 @@ def _field(column: torch.Tensor, wire: WireColumn, kind: int) -> tuple:
         block_rows = block_stride = 0
         row_stride = column.stride(0) * size
         elem_stride = column.stride(1) * size if column.dim() == 2 else size
-    return (column.data_ptr(), row_stride, elem_stride, block_rows, block_stride, wire.width, mem, wire_type, kind, 0)
+    flags = native.FIELD_STREAM if kind == native.SCATTER else 0  # what is scattered here are the caller's outputs
+    return (column.data_ptr(), row_stride, elem_stride, block_rows, block_stride, wire.width, mem, wire_type, kind,
+            flags)
 
 
 def _fields(layout: RowLayout, columns: Sequence[torch.Tensor | None], kind: int) -> np.ndarray:

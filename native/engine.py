@@ -477,7 +477,7 @@ class Proxy:
 #: pe_field_t, pe_segment_t, pe_send_t and pe_recv_t of ``pe_engine.h``
 FIELD_DTYPE = np.dtype([("base", "<u8"), ("row_stride", "<i8"), ("elem_stride", "<i8"), ("block_rows", "<i8"),
                         ("block_stride", "<i8"), ("count", "<i4"), ("mem_type", "u1"), ("wire_type", "u1"),
-                        ("kind", "u1"), ("pad", "u1")])
+                        ("kind", "u1"), ("flags", "u1")])
 SEGMENT_DTYPE = np.dtype([("fields", "<u8"), ("index", "<u8"), ("first", "<i8"), ("nrows", "<i8"),
                           ("nfields", "<i4"), ("pad", "<i4"), ("group_end", "<u8"), ("weights", "<u8")])
 SEND_DTYPE = np.dtype([("segments", "<u8"), ("counts", "<u8"), ("nsegments", "<i4"), ("pad", "<i4")])
@@ -493,6 +493,7 @@ assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)
 GATHER, ROW_INDEX, SCATTER, REDUCE, SKIP = range(5)
+FIELD_STREAM = 1  # pe_field_flag: scatter into a caller's output with non-temporal stores
 DROP_DEAD = 1
 
 

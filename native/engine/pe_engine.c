@@ -639,6 +639,7 @@ static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64
     row++;
     off = 0;
   }
+  pe_stream_fence();
   return 0;
 }
 
@@ -772,6 +773,7 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
       }
     }
   }
+  pe_stream_fence();
   e->stats.bytes_local += (uint64_t)(rows * x->row_bytes);
   x->from_done[i] = 1;
   x->pending_from--;

@@ -7,6 +7,9 @@
 
 #include <math.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define PE_WIDE __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -135,6 +138,38 @@ void pe_finish_rows(void *dst, int dst_type, const float *acc, const uint8_t *to
   }
 }
 
+// A copy into an output nobody reads soon (PE_FIELD_STREAM): non-temporal stores where the target
+// has them, which skip reading the destination lines into the cache first. pe_stream_fence()
+// orders them before anything that says the rows are there.
+#define STREAM_MIN_BYTES 2048
+
+static void stream_copy(uint8_t *restrict dst, const uint8_t *restrict src, size_t n) {
+#if defined(__x86_64__)
+  if (n >= STREAM_MIN_BYTES) {
+    const size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    for (; n >= 64; n -= 64, dst += 64, src += 64) {
+      const __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
+      const __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
+      _mm_stream_si128((__m128i *)dst, a);
+      _mm_stream_si128((__m128i *)(dst + 16), b);
+      _mm_stream_si128((__m128i *)(dst + 32), c);
+      _mm_stream_si128((__m128i *)(dst + 48), d);
+    }
+  }
+#endif
+  memcpy(dst, src, n);
+}
+
+void pe_stream_fence(void) {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 static void strided_copy(uint8_t *dst, int64_t dst_stride, const uint8_t *src, int64_t src_stride, int count,
                          int size) {
   for (int j = 0; j < count; ++j) memcpy(dst + j * dst_stride, src + j * src_stride, (size_t)size);
@@ -201,7 +236,9 @@ void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float 
     const int64_t width = (int64_t)f->count * wsize;
     uint8_t *dst = row_at(f, index);
     if (f->kind == PE_SCATTER) {
-      if (f->elem_stride == wsize)
+      if (f->elem_stride == wsize && (f->flags & PE_FIELD_STREAM))
+        stream_copy(dst, src, (size_t)width);
+      else if (f->elem_stride == wsize)
         memcpy(dst, src, (size_t)width);
       else
         strided_copy(dst, f->elem_stride, src, wsize, f->count, wsize);

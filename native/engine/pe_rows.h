@@ -38,6 +38,10 @@ int pe_fields_reduce_only(const pe_field_t *fields, int nfields);
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
                     const uint8_t *src, int64_t row_bytes, int64_t nrows, const pe_field_t *final);
 
+// Orders the non-temporal stores of earlier scatters (large copies bypass the cache) before
+// what follows: call it before anything that tells a reader the rows are there.
+void pe_stream_fence(void);
+
 // The end of a sum of `rows` rows of `width`: dst row r = acc row r where touched[r] is 1, zeros
 // where it is 0 (a row no copy reached), in dst_type (BF16, F16 or F32); rows whose touched[r] is
 // 2 are final in dst already (pe_final_t) and left as they are.
