@@ -21,7 +21,7 @@ from portep.config import Config, combine_config, dispatch_config
 from portep.deadlines import default_timeout_s
 from portep.event import EventHandle, EventOverlap, current_stream
 from portep.ll_layout import LowLatencyLayout, low_latency_rdma_size_hint
-from portep.memory import POOL
+from portep.memory import POOL, ZeroedBytes
 from portep.native import cpu, kernels_for
 from portep.topology import Topology, discover
 
@@ -105,8 +105,9 @@ class Buffer:
         self.topology: Topology = discover(group)
         self.device = default_device()
         self._backend = backends.create(backends.default_backend_name(), group, self.topology, self.timeout_s)
-        self._nvl_buffer = torch.zeros(num_nvl_bytes, dtype=torch.uint8, device=self.device)
-        self._rdma_buffer = torch.zeros(num_rdma_bytes, dtype=torch.uint8, device=self.device)
+        self._nvl_bytes = ZeroedBytes(num_nvl_bytes, self.device)
+        self._rdma_bytes = ZeroedBytes(num_rdma_bytes, self.device)
+        self._nvl_buffer, self._rdma_buffer = self._nvl_bytes.tensor, self._rdma_bytes.tensor
         self._ll_half = 0
         self._mask = torch.zeros(self.group_size, dtype=torch.int32)
         self._masked_cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # (mask, what _masked returns)
@@ -162,6 +163,7 @@ class Buffer:
         self._backend.barrier("destroy")
         self._backend.close()
         self._nvl_buffer = self._rdma_buffer = torch.empty(0, dtype=torch.uint8)
+        self._nvl_bytes = self._rdma_bytes = ZeroedBytes(0)
         self._destroyed = True
 
     def get_comm_stream(self) -> Any:
@@ -599,7 +601,7 @@ class Buffer:
         check.check_int(op, "hidden", hidden, minimum=1)
         check.check_num_experts(op, num_experts, self.group_size)
         self._ll_layout(op, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._rdma_buffer.zero_()
+        self._rdma_bytes.clear()
         self._ll_half = 0
         self._backend.barrier(op)
 

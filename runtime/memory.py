@@ -84,3 +84,29 @@ class HostPool:
 
 #: The process's pool, shared by every Buffer.
 POOL = HostPool()
+
+
+class ZeroedBytes:
+    """A uint8 buffer of zeros (``tensor``) that costs nothing until it is written.
+
+    On the CPU it is a private anonymous mapping: its pages read as zeros and become resident only
+    when written, and :meth:`clear` hands them back to the kernel instead of writing zeros over
+    them. A Buffer's ``num_nvl_bytes`` / ``num_rdma_bytes`` (DeepEP's size hints ask for a few GB)
+    then cost neither start-up time nor memory on the paths that never touch them. Elsewhere it is a
+    plain ``torch.zeros``.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device | str = "cpu") -> None:
+        self._mapping: mmap.mmap | None = None
+        if torch.device(device).type == "cpu" and nbytes > 0:
+            self._mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.tensor = torch.from_numpy(np.frombuffer(self._mapping, dtype=np.uint8))
+        else:
+            self.tensor = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+    def clear(self) -> None:
+        """Make every byte zero again."""
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)  # a private anonymous page reads as zeros again
+        else:
+            self.tensor.zero_()
