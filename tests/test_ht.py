@@ -33,6 +33,14 @@ def test_dispatch_combine_bf16(rank_pools: Callable[[int], RankPool], world_size
                                backend=backend)
 
 
+@pytest.mark.parametrize("num_nodes", [1, 2], ids=["4ranks-1node", "4ranks-2node"])
+def test_dispatch_combine_wide_rows(pool4: RankPool, num_nodes: int) -> None:
+    """Rows of 2 KiB and more, which the engine writes into the outputs with non-temporal stores (BF16
+    rows of 2200 bytes start 8 bytes off a 16-byte boundary every other row)."""
+    pool4.run(tasks_ht.dispatch_combine, seed=9, num_nodes=num_nodes, num_tokens=_tokens(4), hidden=1100,
+              num_experts=8, topk=4)
+
+
 @pytest.mark.parametrize(("world_size", "num_nodes"), [(4, 2), (8, 2)], ids=["4ranks-2node", "8ranks-2node"])
 def test_dispatch_expert_alignment(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
     rank_pools(world_size).run(tasks_ht.dispatch_combine, seed=3, num_nodes=num_nodes,

@@ -49,6 +49,14 @@ def test_hidden_not_deepep_size(pool2: RankPool) -> None:
               num_experts=6, topk=3, use_fp8=True)
 
 
+@pytest.mark.parametrize(("hidden", "use_fp8"), [(1100, False), (2176, True)], ids=["bf16-2200B", "fp8-2176B"])
+def test_wide_rows(pool4: RankPool, hidden: int, use_fp8: bool) -> None:
+    """Rows of 2 KiB and more, which the engine writes into the outputs with non-temporal stores (BF16
+    rows of 2200 bytes start 8 bytes off a 16-byte boundary every other row)."""
+    pool4.run(tasks_ll.dispatch_combine, seed=16, num_nodes=2, num_tokens=_tokens(4), max_tokens=T, hidden=hidden,
+              num_experts=8, topk=4, use_fp8=use_fp8)
+
+
 def test_logfmt(pool4: RankPool) -> None:
     pool4.run(tasks_ll.dispatch_combine, seed=14, num_nodes=1, num_tokens=_tokens(4), max_tokens=T, hidden=256,
               num_experts=8, topk=4, use_logfmt=True)
