@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 import threading
 import weakref
 
@@ -106,7 +107,7 @@ class ZeroedBytes:
 
     def clear(self) -> None:
         """Make every byte zero again."""
-        if self._mapping is not None:
-            self._mapping.madvise(mmap.MADV_DONTNEED)  # a private anonymous page reads as zeros again
+        if self._mapping is not None and sys.platform == "linux":
+            self._mapping.madvise(mmap.MADV_DONTNEED)  # there, a private anonymous page reads as zeros again
         else:
             self.tensor.zero_()
