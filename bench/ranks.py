@@ -126,6 +126,24 @@ def back_to_back(ctx: Context, round_trip: Callable[[], Any], timed_iters: int) 
     return samples, last
 
 
+def _checked_back_to_back(ctx: Context, round_trip: Callable[[], torch.Tensor], timed_iters: int,
+                          expected: torch.Tensor, tolerance: float, what: str) -> list[float]:
+    """:func:`back_to_back` of ``round_trip`` (returning the combined tensor), whose last result must
+    still be ``expected``; its samples."""
+    samples, combined = back_to_back(ctx, round_trip, timed_iters)
+    _require(checks.check_repeat(combined, expected, tolerance, f"{what} back to back"),
+             f"{what} back to back, rank {ctx.rank}")
+    return samples
+
+
+def _record_round_trip(ctx: Context, impl: str, mode: str, tokens: int, samples: tuple[list[float], ...],
+                       d_bytes: int, c_bytes: int, check: checks.Check) -> None:
+    """Record a point's dispatch, combine and back-to-back samples (``samples`` in that order)."""
+    for op, op_samples, nbytes in zip(("dispatch", "combine", B2B), samples, (d_bytes, c_bytes, d_bytes + c_bytes),
+                                      strict=True):
+        ctx.record(impl, mode, tokens, op, op_samples, nbytes, check)
+
+
 def _to(x: Any, device: torch.device) -> Any:
     return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
@@ -165,14 +183,12 @@ def bench_ht(ctx: Context, buffer: Any, tokens: int) -> None:
     expected = checks.ht_expected(shape, everyone[ctx.rank], copies)
     _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "HT"),
              f"{impl} HT, {tokens} tokens, rank {ctx.rank}")
-    b2b, (combined, _, _) = back_to_back(ctx, lambda: buffer.combine(y, dispatch()[4]), iters)
-    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "HT back to back"),
-             f"{impl} HT back to back, {tokens} tokens, rank {ctx.rank}")
+    b2b = _checked_back_to_back(ctx, lambda: buffer.combine(y, dispatch()[4])[0], iters, expected,
+                                checks.HT_TOLERANCE, f"{impl} HT, {tokens} tokens")
     rows = int(y.size(0))
-    d_bytes, c_bytes = ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden)
-    ctx.record(impl, "HT", tokens, "dispatch", d_samples, d_bytes, check)
-    ctx.record(impl, "HT", tokens, "combine", c_samples, c_bytes, check)
-    ctx.record(impl, "HT", tokens, B2B, b2b, d_bytes + c_bytes, check)
+    _record_round_trip(ctx, impl, "HT", tokens, (d_samples, c_samples, b2b),
+                       ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden),
+                       check)
 
 
 def bench_ll(ctx: Context, buffer: Any, tokens: int, num_max_tokens: int) -> None:
@@ -208,14 +224,11 @@ def bench_ll(ctx: Context, buffer: Any, tokens: int, num_max_tokens: int) -> Non
     expected = checks.ll_expected(shape, everyone[ctx.rank])
     _require(checks.check_repeat(combined, expected, checks.LL_TOLERANCE, "LL"),
              f"{impl} LL, {tokens} tokens, rank {ctx.rank}")
-    b2b, (combined, _, _) = back_to_back(ctx, lambda: combine(dispatch()[2]), iters)
-    _require(checks.check_repeat(combined, expected, checks.LL_TOLERANCE, "LL back to back"),
-             f"{impl} LL back to back, {tokens} tokens, rank {ctx.rank}")
-    d_bytes = ll_dispatch_bytes(mine.topk_idx, shape.hidden, shape.fp8_dispatch)
-    c_bytes = ll_combine_bytes(mine.topk_idx, shape.hidden)
-    ctx.record(impl, "LL", tokens, "dispatch", d_samples, d_bytes, check)
-    ctx.record(impl, "LL", tokens, "combine", c_samples, c_bytes, check)
-    ctx.record(impl, "LL", tokens, B2B, b2b, d_bytes + c_bytes, check)
+    b2b = _checked_back_to_back(ctx, lambda: combine(dispatch()[2])[0], iters, expected, checks.LL_TOLERANCE,
+                                f"{impl} LL, {tokens} tokens")
+    _record_round_trip(ctx, impl, "LL", tokens, (d_samples, c_samples, b2b),
+                       ll_dispatch_bytes(mine.topk_idx, shape.hidden, shape.fp8_dispatch),
+                       ll_combine_bytes(mine.topk_idx, shape.hidden), check)
 
 
 def bench_baseline(ctx: Context, mode: str, tokens: int) -> None:
@@ -252,14 +265,12 @@ def bench_baseline(ctx: Context, mode: str, tokens: int) -> None:
     expected = checks.ht_expected(shape, everyone[ctx.rank], copies)
     _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "baseline"),
              f"baseline, {tokens} tokens, rank {ctx.rank}")
-    b2b, combined = back_to_back(ctx, lambda: baseline.combine(y, dispatch()[1], ctx.group), iters)
-    _require(checks.check_repeat(combined, expected, checks.HT_TOLERANCE, "baseline back to back"),
-             f"baseline back to back, {tokens} tokens, rank {ctx.rank}")
+    b2b = _checked_back_to_back(ctx, lambda: baseline.combine(y, dispatch()[1], ctx.group), iters, expected,
+                                checks.HT_TOLERANCE, f"baseline, {tokens} tokens")
     rows = int(y.size(0))
-    d_bytes, c_bytes = ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden)
-    ctx.record("baseline", mode, tokens, "dispatch", d_samples, d_bytes, check)
-    ctx.record("baseline", mode, tokens, "combine", c_samples, c_bytes, check)
-    ctx.record("baseline", mode, tokens, B2B, b2b, d_bytes + c_bytes, check)
+    _record_round_trip(ctx, "baseline", mode, tokens, (d_samples, c_samples, b2b),
+                       ht_dispatch_bytes(rows, shape.hidden, shape.fp8_dispatch), ht_combine_bytes(rows, shape.hidden),
+                       check)
 
 
 def _group(spec: JobSpec, rank: int) -> tuple[Any, torch.device]:
