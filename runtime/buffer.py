@@ -107,7 +107,6 @@ class Buffer:
         self._backend = backends.create(backends.default_backend_name(), group, self.topology, self.timeout_s)
         self._nvl_bytes = ZeroedBytes(num_nvl_bytes, self.device)
         self._rdma_bytes = ZeroedBytes(num_rdma_bytes, self.device)
-        self._nvl_buffer, self._rdma_buffer = self._nvl_bytes.tensor, self._rdma_bytes.tensor
         self._ll_half = 0
         self._mask = torch.zeros(self.group_size, dtype=torch.int32)
         self._masked_cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # (mask, what _masked returns)
@@ -162,7 +161,6 @@ class Buffer:
         self._live("destroy")
         self._backend.barrier("destroy")
         self._backend.close()
-        self._nvl_buffer = self._rdma_buffer = torch.empty(0, dtype=torch.uint8)
         self._nvl_bytes = self._rdma_bytes = ZeroedBytes(0)
         self._destroyed = True
 
@@ -175,7 +173,7 @@ class Buffer:
         """A `dtype` view of this rank's intra-node (or RDMA) buffer, from byte ``offset``."""
         op = "get_local_buffer_tensor"
         self._live(op)
-        buffer = self._rdma_buffer if use_rdma_buffer else self._nvl_buffer
+        buffer = (self._rdma_bytes if use_rdma_buffer else self._nvl_bytes).tensor
         check.check_int(op, "offset", offset)
         item = dtype.itemsize
         if offset % item:
@@ -528,7 +526,7 @@ class Buffer:
         self._live(op)
         _, _, num_max_tokens, hidden, num_experts = self._check_ll_handle(op, handle)
         layout = self._ll_layout(op, num_max_tokens, hidden, num_experts)
-        return layout.combine_send_view(self._rdma_buffer, self._ll_half)
+        return layout.combine_send_view(self._rdma_bytes.tensor, self._ll_half)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: ll.LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
@@ -579,7 +577,7 @@ class Buffer:
             check.check_tensor(op, "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64,
                                (self.group_size,))
         layout = self._ll_layout(op, num_max_tokens, hidden, num_experts)
-        source = layout.combine_send_view(self._rdma_buffer, self._ll_half) if zero_copy else x
+        source = layout.combine_send_view(self._rdma_bytes.tensor, self._ll_half) if zero_copy else x
 
         result = out if out is not None else POOL.empty((num_tokens, hidden), torch.bfloat16, self.device)
         call = ll.LLCombine(self._backend, source, topk_idx, topk_weights, handle, use_logfmt, self._masked(), op,

@@ -236,12 +236,12 @@ void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float 
     const int64_t width = (int64_t)f->count * wsize;
     uint8_t *dst = row_at(f, index);
     if (f->kind == PE_SCATTER) {
-      if (f->elem_stride == wsize && (f->flags & PE_FIELD_STREAM))
-        stream_copy(dst, src, (size_t)width);
-      else if (f->elem_stride == wsize)
-        memcpy(dst, src, (size_t)width);
-      else
+      if (f->elem_stride != wsize)
         strided_copy(dst, f->elem_stride, src, wsize, f->count, wsize);
+      else if (f->flags & PE_FIELD_STREAM)
+        stream_copy(dst, src, (size_t)width);
+      else
+        memcpy(dst, src, (size_t)width);
     } else if (f->kind == PE_REDUCE) {  // a run of one row
       pe_reduce_rows(f, 1, index, &weight, store, src, width, 1, NULL);
     }
