@@ -43,6 +43,10 @@ CHUNK_ENV = "PORTEP_CHUNK_BYTES"
 SLOTS_ENV = "PORTEP_CHUNK_SLOTS"
 DEFAULT_CHUNK_BYTES = 256 << 10
 DEFAULT_SLOTS = 8
+ARENA_ENV = "PORTEP_ARENA_BYTES"
+# Per source rank: where an HT dispatch's network-hop rows land and stay until forwarded (sparse
+# shared memory, resident only where written). A larger message goes through the slots instead.
+DEFAULT_ARENA_BYTES = 64 << 20
 EXPERT_SUMS_ENV = "PORTEP_LL_EXPERT_SUMS"  # 0: an LL combine returns one row per selection
 RING_CAPACITY = 4096
 WAIT_SLICE_S = 0.05  # how long one engine wait runs before the liveness checks look again
@@ -62,9 +66,15 @@ def stream_layout_from_env() -> tuple[int, int]:
     slots = int(number_from_env(SLOTS_ENV, DEFAULT_SLOTS, kind=int, minimum=1, unit="slots"))
     if chunk % 64:
         raise ValueError(f"{CHUNK_ENV}={chunk} must be a multiple of 64")
-    if slots > 15:
-        raise ValueError(f"{SLOTS_ENV}={slots}: at most 15 slots per pair of ranks")
+    if slots > 13:
+        raise ValueError(f"{SLOTS_ENV}={slots}: at most 13 slots per pair of ranks")
     return chunk, slots
+
+
+def arena_bytes_from_env() -> int:
+    """Bytes of the arena each source rank's network-hop rows land in: ``PORTEP_ARENA_BYTES`` (0: none)."""
+    arena = int(number_from_env(ARENA_ENV, DEFAULT_ARENA_BYTES, kind=int, minimum=0, unit="bytes"))
+    return -(-arena // 64) * 64
 
 
 # ----------------------------------------------------------------------------- plans -> engine specs
@@ -370,12 +380,13 @@ class RingBackend(CommBackend):
         # An LL combine sums on the expert side (fewer bytes back, partial sums rounded to the
         # wire type) unless PORTEP_LL_EXPERT_SUMS=0; every rank must use the same setting.
         self.ll_expert_sums = number_from_env(EXPERT_SUMS_ENV, 1, kind=int, unit="(0 or 1)") != 0
-        num_signals, data_bytes = native.Engine.window_size(world, slots, chunk)
+        arena = arena_bytes_from_env() if topology.num_nodes > 1 else 0  # only the network hop lands there
+        num_signals, data_bytes = native.Engine.window_size(world, slots, chunk, arena)
         self.window = native.Window.create(num_signals, data_bytes)
         self.ring = native.Ring.create(RING_CAPACITY)
         self.ring.unlink()  # private to this process: the proxy is a thread of it
         windows = [self.window]  # this rank's, then the same-node peers' it maps
-        self.engine = native.Engine(rank, world, slots, chunk, self.window)
+        self.engine = native.Engine(rank, world, slots, chunk, self.window, arena)
         self.proxy: native.Proxy | None = None
         self.endpoint = -1
         self._finalizer = weakref.finalize(self, _release, self.engine, None, -1, windows, self.ring)
@@ -590,21 +601,19 @@ class RingBackend(CommBackend):
             in_rank = is_token_in_rank.contiguous().view(torch.uint8)
             route, exchange = self.guarded(op, lambda: native.HTRoute.dispatch(
                 self.engine, op, per_node, in_rank, net_fields, mask_field, keep))
-            self._ht_wait(op, "peers", exchange, lambda: route.hop_receive(exchange))
-            exchange = self.guarded(op, lambda: route.forward(op, fields, None, keep))
-            out: list[torch.Tensor] = []
-
-            def receive() -> None:
-                num_recv = route.node_rows(exchange)
-                out.extend(POOL.empty((num_recv, t.size(1)), t.dtype, t.device) for t in columns)
-                route.node_receive(exchange, cached_fields(layout, out, native.SCATTER), out)
-
-            self._ht_wait(op, "node", exchange, receive)
         else:
-            self._ht_wait(op, "peers", self.guarded(op, lambda: route.cached(op, fields, keep)))
-            out = [POOL.empty((route.num_recv, t.size(1)), t.dtype, t.device) for t in columns]
-            out_fields = cached_fields(layout, out, native.SCATTER)
-            self._ht_wait(op, "node", self.guarded(op, lambda: route.forward(op, fields, out_fields, [*keep, *out])))
+            exchange = self.guarded(op, lambda: route.cached(op, fields, keep))
+        self._ht_wait(op, "peers", exchange, lambda: route.hop_receive(exchange))
+        exchange = self.guarded(op, lambda: route.forward(op, fields, keep))
+        out: list[torch.Tensor] = []
+
+        def receive() -> None:
+            num_recv = route.node_rows(exchange)
+            out.extend(POOL.empty((num_recv, t.size(1)), t.dtype, t.device) for t in columns)
+            route.node_receive(exchange, cached_fields(layout, out, native.SCATTER), out)
+
+        self._ht_wait(op, "node", exchange, receive)
+        self.guarded(op, route.release_arena)  # the node's ranks are done with (or will tell) the arenas
         sizes = route.sizes()
         self.stats.record("peers", int(sizes[route.NET_SENT]), net.row_bytes)
         self.stats.record("node", int(sizes[route.NODE_SENT]), layout.row_bytes)

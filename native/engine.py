@@ -98,8 +98,8 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_proxy_destroy", None, c_void_p, c_double)
     # engine
     _declare(so, "pe_engine_num_signals", c_uint32, c_int)
-    _declare(so, "pe_engine_data_bytes", c_uint64, c_int, c_int, c_uint64)
-    _declare(so, "pe_engine_create", c_void_p, c_int, c_int, c_int, c_uint64, c_void_p, c_char_p)
+    _declare(so, "pe_engine_data_bytes", c_uint64, c_int, c_int, c_uint64, c_uint64)
+    _declare(so, "pe_engine_create", c_void_p, c_int, c_int, c_int, c_uint64, c_uint64, c_void_p, c_char_p)
     _declare(so, "pe_engine_set_direct", c_int, c_void_p, c_int, c_void_p, c_char_p)
     _declare(so, "pe_engine_set_proxied", c_int, c_void_p, c_int, c_void_p, c_int, c_void_p, c_char_p)
     _declare(so, "pe_exchange_start", c_void_p, c_void_p, c_char_p, c_int, i32p, c_void_p, c_int64, c_int32,
@@ -144,7 +144,7 @@ def lib() -> ctypes.CDLL:
              c_int, POINTER(c_void_p), c_char_p)
     _declare(so, "pe_ht_hop_receive", c_int, c_void_p, c_void_p, c_char_p)
     _declare(so, "pe_ht_cached", c_int, c_void_p, c_char_p, c_void_p, c_int, c_int, POINTER(c_void_p), c_char_p)
-    _declare(so, "pe_ht_forward", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_int, c_char_p)
+    _declare(so, "pe_ht_forward", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ht_node_rows", c_int64, c_void_p, c_void_p, c_char_p)
     _declare(so, "pe_ht_node_receive", c_int, c_void_p, c_void_p, c_void_p, c_int, c_char_p)
     _declare(so, "pe_ht_combine_node", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p,
@@ -152,6 +152,7 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_ht_combine_net", c_void_p, c_void_p, c_char_p, c_void_p, c_int, c_void_p, c_int, c_void_p,
              c_void_p, c_int, c_int, c_char_p)
     _declare(so, "pe_ht_sizes", None, c_void_p, c_void_p)
+    _declare(so, "pe_ht_release_arena", c_int, c_void_p, c_char_p)
     _declare(so, "pe_ht_free", None, c_void_p)
     for name in ("shm", "fabric", "verbs", "efa"):
         if hasattr(so, f"pe_transport_{name}"):
@@ -194,7 +195,8 @@ _TRANSPORT_STATS = ["puts", "bytes", "signals", "signals_applied", "messages_in"
 _PROXY_STATS = ["steps", "descriptors", "posted", "coalesced", "max_queue_depth", "backlog", "idle_polls", "sleeps",
                 "wakeups", "failed_peers", "helped_steps"]
 _ENGINE_STATS = ["chunks_written", "chunks_read", "messages_sent", "messages_split", "bytes_direct", "bytes_staged",
-                 "bytes_local", "descriptors", "credit_stalls", "sleeps"]
+                 "bytes_local", "descriptors", "credit_stalls", "sleeps", "arena_messages",
+                 "bytes_pulled"]
 
 
 def _stats_struct(names: Sequence[str]) -> type[ctypes.Structure]:
@@ -563,20 +565,22 @@ class Exchange:
 class Engine:
     """A rank's streams for one Buffer (``pe_engine_t``)."""
 
-    def __init__(self, rank: int, world: int, slots: int, chunk_bytes: int, window: Window) -> None:
+    def __init__(self, rank: int, world: int, slots: int, chunk_bytes: int, window: Window,
+                 arena_bytes: int = 0) -> None:
         err = _err()
         self.rank, self.world, self.window = rank, world, window
-        self._e = lib().pe_engine_create(rank, world, slots, chunk_bytes, window.ptr, err)
+        self._e = lib().pe_engine_create(rank, world, slots, chunk_bytes, arena_bytes, window.ptr, err)
         if not self._e:
             raise EngineError(_text(err))
         self._peers: dict[int, Any] = {}  # what the engine points to, kept alive
         self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
 
     @staticmethod
-    def window_size(world: int, slots: int, chunk_bytes: int) -> tuple[int, int]:
-        """(signals, data bytes) of the window an engine of this layout needs."""
+    def window_size(world: int, slots: int, chunk_bytes: int, arena_bytes: int = 0) -> tuple[int, int]:
+        """(signals, data bytes) of the window an engine of this layout needs (``arena_bytes``: where
+        each source's network-hop rows land, see ``PE_ARENA``)."""
         so = lib()
-        return so.pe_engine_num_signals(world), so.pe_engine_data_bytes(world, slots, chunk_bytes)
+        return so.pe_engine_num_signals(world), so.pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes)
 
     @property
     def ptr(self) -> int:
@@ -790,15 +794,18 @@ class HTRoute:
                err, self.engine.ptr)
         return self._exchange(x.value, self.nodes, 0, [*keep, fields])
 
-    def forward(self, op: str, fields: np.ndarray, out_fields: np.ndarray | None, keep: list[Any]) -> Exchange:
-        """Start the node hop (``fields``: gather fields over the caller's tensors); with
-        ``out_fields`` (scatter fields, cached dispatch) its receive side too."""
+    def forward(self, op: str, fields: np.ndarray, keep: list[Any]) -> Exchange:
+        """Start the node hop (``fields``: gather fields over the caller's tensors)."""
         err = _err()
-        handle = lib().pe_ht_forward(self._ht, op.encode(), fields.ctypes.data, fields.size,
-                                     *_optional_fields(out_fields), 0, err)
+        handle = lib().pe_ht_forward(self._ht, op.encode(), fields.ctypes.data, fields.size, 0, err)
         if not handle:
             _check(-1, err, self.engine.ptr)
-        return self._exchange(handle, self.per_node, self.nodes, [*keep, fields, out_fields])
+        return self._exchange(handle, self.per_node, 3 * self.nodes, [*keep, fields])
+
+    def release_arena(self) -> None:
+        """Once the node hop completed: hand the arenas its rows were read from back to their senders."""
+        err = _err()
+        _check(lib().pe_ht_release_arena(self._ht, err), err, self.engine.ptr)
 
     def node_rows(self, exchange: Exchange) -> int:
         """Once the node hop's headers arrived: the rows this rank receives."""

@@ -6,6 +6,7 @@ inputs and compares this rank's outputs with :mod:`portep.reference`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 import portep
 from portep import reference
+from portep.backends.ring import ARENA_ENV
 from tests.tasks_common import (
     FaultsProved,
     assert_close,
@@ -160,6 +162,30 @@ def dispatch_combine(rank: int, world_size: int, *, seed: int, num_nodes: int, n
     with FaultsProved(rank, buffer, backend):
         return _dispatch_combine(buffer, rank, world_size, seed, num_nodes, num_tokens, hidden, num_experts, topk,
                                  expert_alignment, fp8, scales_noncontig)
+
+
+def dispatch_combine_arena(rank: int, world_size: int, *, arena_bytes: int, **kwargs: Any) -> tuple[int, int]:
+    """:func:`dispatch_combine` on a fresh Buffer whose network-hop rows land in arenas of
+    ``arena_bytes`` (0: none; too small: the slots instead); returns, over the group, how many
+    network-hop messages landed in an arena and how many bytes ranks read out of arenas themselves."""
+    saved = os.environ.get(ARENA_ENV)
+    os.environ[ARENA_ENV] = str(arena_bytes)
+    try:
+        buffer = new_ht_buffer(world_size, kwargs["num_nodes"], kwargs["hidden"], explicitly_destroy=True)
+    finally:
+        if saved is None:
+            os.environ.pop(ARENA_ENV, None)
+        else:
+            os.environ[ARENA_ENV] = saved
+    try:
+        _dispatch_combine(buffer, rank, world_size, kwargs["seed"], kwargs["num_nodes"], kwargs["num_tokens"],
+                          kwargs["hidden"], kwargs["num_experts"], kwargs["topk"], 1, False, False)
+        stats = buffer.get_stats()
+        totals = torch.tensor([stats.get("arena_messages", 0), stats.get("bytes_pulled", 0)], dtype=torch.int64)
+        dist.all_reduce(totals)
+        return int(totals[0]), int(totals[1])
+    finally:
+        buffer.destroy()
 
 
 def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_nodes: int, num_tokens: int | list[int],

@@ -41,6 +41,18 @@ def test_dispatch_combine_wide_rows(pool4: RankPool, num_nodes: int) -> None:
               num_experts=8, topk=4)
 
 
+@pytest.mark.parametrize(("arena_bytes", "in_arena"), [(64 << 20, True), (4096, False), (0, False)],
+                         ids=["arena", "arena-too-small", "no-arena"])
+def test_network_hop_arena(pool4: RankPool, arena_bytes: int, in_arena: bool) -> None:
+    """Between nodes the network hop's rows land in the forwarder's arena, and the node's ranks copy
+    theirs out of it themselves (three passes); rows that do not fit (or no arena) go through the
+    slots, a copy and the node hop, with the same results."""
+    totals = pool4.run(tasks_ht.dispatch_combine_arena, arena_bytes=arena_bytes, seed=10, num_nodes=2,
+                       num_tokens=[40, 33, 17, 25], hidden=512, num_experts=8, topk=4)
+    assert all((landed > 0) == in_arena and (pulled > 0) == in_arena for landed, pulled in totals), (
+        f"(arena messages, bytes pulled) over the group: {totals}")
+
+
 @pytest.mark.parametrize(("world_size", "num_nodes"), [(4, 2), (8, 2)], ids=["4ranks-2node", "8ranks-2node"])
 def test_dispatch_expert_alignment(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes: int) -> None:
     rank_pools(world_size).run(tasks_ht.dispatch_combine, seed=3, num_nodes=num_nodes,

@@ -9,7 +9,8 @@
 
 #define HEADER_BYTES 64
 #define HEADER_MAGIC 0x32504550u  // "PEP2"
-#define OP_CHARS 40
+#define OP_CHARS 36
+#define HEADER_ARENA 1u  // the message's rows land in the receiver's arena, not in its slots
 #define SLEEP_SLICE_US 1000  // the longest a waiting rank sleeps before it looks again
 #define LIVENESS_PERIOD_S 0.002
 #define SPIN_ATTEMPTS 48  // back-off steps (spins, then yields) before a waiting rank sleeps
@@ -22,6 +23,7 @@ typedef struct header {
   uint64_t nrows;
   uint32_t row_bytes;
   int32_t ncounts;
+  uint32_t flags;  // HEADER_ARENA
   char op[OP_CHARS];
 } header_t;
 _Static_assert(sizeof(header_t) == HEADER_BYTES, "the message header is 64 bytes");
@@ -33,6 +35,8 @@ typedef struct out_msg {
   uint64_t sent;       // stream bytes written so far
   int segment;         // cursor: segment of the next row, and the row where that segment starts
   int64_t segment_start;
+  int arena;           // the rows go to the peer's arena (the header alone to its slot)
+  uint64_t arena_seq;  // this message's number among the arena messages to the peer
   struct out_msg *next;
 } out_msg_t;
 
@@ -40,6 +44,7 @@ typedef struct in_msg {
   pe_exchange_t *x;
   int index;
   int header_seen;
+  int arena;           // the rows land in this rank's arena
   uint64_t total;
   uint64_t received;   // stream bytes consumed so far
   uint8_t *partial;    // a row that straddles two chunks
@@ -57,6 +62,9 @@ typedef struct peer {
   uint32_t send_seq;
   uint32_t recv_seq;
   int64_t credit_owed;  // credits to hand back through the proxy
+  uint64_t arena_sent;  // arena messages queued to the peer
+  int release_pending;  // its arena goes back once the readers named in release_after are done
+  int64_t *release_after;  // [world]: per rank, the pull-done count to wait for (or NULL)
   out_msg_t *out_head, *out_tail;
   in_msg_t *in_head, *in_tail;
   int gone;
@@ -79,6 +87,7 @@ struct pe_exchange {
   uint8_t *to_done;
   uint8_t *from_done;
   uint8_t *dropped;
+  uint8_t *in_arena;  // per peer: its rows landed in this rank's arena
   int pending_to;
   int pending_from;
   int refs;  // the caller's, plus one per queued message
@@ -89,6 +98,8 @@ struct pe_engine {
   int world;
   int slots;
   uint64_t chunk_bytes;
+  uint64_t arena_bytes;  // per source: where the rows of PE_ARENA messages land
+  int64_t *pulls_expected;  // [world]: reads out of this rank's arenas each rank is to finish
   pe_window_t *window;
   peer_t *peers;
   int error_kind;
@@ -102,12 +113,17 @@ struct pe_engine {
 // ------------------------------------------------------------------------------------ layout
 uint32_t pe_engine_num_signals(int world) { return (uint32_t)world * PE_SIGNALS_PER_PEER; }
 
-uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes) {
-  return 2ull * (uint64_t)world * (uint64_t)slots * chunk_bytes;  // receive slots, then staging slots
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes) {
+  // receive slots, staging slots, then an arena per source
+  return 2ull * (uint64_t)world * (uint64_t)slots * chunk_bytes + (uint64_t)world * arena_bytes;
 }
 
 static inline uint32_t landed_signal(int source, int slot) { return (uint32_t)(source * PE_SIGNALS_PER_PEER + slot); }
 static inline uint32_t credit_signal(int dest) { return (uint32_t)(dest * PE_SIGNALS_PER_PEER + PE_SIGNALS_PER_PEER - 1); }
+// arena messages `dest` is done with (it handed its arena back), in the sender's window
+static inline uint32_t arena_signal(int dest) { return (uint32_t)(dest * PE_SIGNALS_PER_PEER + PE_SIGNALS_PER_PEER - 2); }
+// times `reader` finished copying rows out of this rank's arenas, in this rank's window
+static inline uint32_t pull_signal(int reader) { return (uint32_t)(reader * PE_SIGNALS_PER_PEER + PE_SIGNALS_PER_PEER - 3); }
 
 static inline uint64_t recv_offset(const pe_engine_t *e, int source, uint64_t chunk) {
   return ((uint64_t)source * (uint64_t)e->slots + chunk % (uint64_t)e->slots) * e->chunk_bytes;
@@ -117,6 +133,10 @@ static inline uint64_t stage_offset(const pe_engine_t *e, int dest, uint64_t chu
   return ((uint64_t)(e->world + dest) * (uint64_t)e->slots + chunk % (uint64_t)e->slots) * e->chunk_bytes;
 }
 
+static inline uint64_t arena_offset(const pe_engine_t *e, int source) {
+  return 2ull * (uint64_t)e->world * (uint64_t)e->slots * e->chunk_bytes + (uint64_t)source * e->arena_bytes;
+}
+
 static int fail(pe_engine_t *e, int kind, int culprit) {
   e->error_kind = kind;
   e->culprit = culprit;
@@ -124,7 +144,8 @@ static int fail(pe_engine_t *e, int kind, int culprit) {
 }
 
 // -------------------------------------------------------------------------------- engine
-pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, pe_window_t *window, char *err) {
+pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes,
+                              pe_window_t *window, char *err) {
   if (world < 1 || rank < 0 || rank >= world || slots < 1 || slots > PE_MAX_SLOTS || chunk_bytes < 4096 ||
       chunk_bytes % 64) {
     pe_err(err, "engine: bad layout (rank %d of %d, %d slots of %llu bytes: at most %d slots, chunks of at least "
@@ -132,16 +153,18 @@ pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_byt
     return NULL;
   }
   if (window->num_signals < pe_engine_num_signals(world) ||
-      window->data_bytes < pe_engine_data_bytes(world, slots, chunk_bytes)) {
-    pe_err(err, "engine: the window is too small for %d ranks, %d slots of %llu bytes", world, slots,
-           (unsigned long long)chunk_bytes);
+      window->data_bytes < pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes)) {
+    pe_err(err, "engine: the window is too small for %d ranks, %d slots of %llu bytes, arenas of %llu bytes", world,
+           slots, (unsigned long long)chunk_bytes, (unsigned long long)arena_bytes);
     return NULL;
   }
   pe_engine_t *e = calloc(1, sizeof *e);
   peer_t *peers = calloc((size_t)world, sizeof *peers);
-  if (e == NULL || peers == NULL) {
+  int64_t *pulls = calloc((size_t)world, sizeof *pulls);
+  if (e == NULL || peers == NULL || pulls == NULL) {
     free(e);
     free(peers);
+    free(pulls);
     pe_err(err, "engine: out of memory");
     return NULL;
   }
@@ -149,8 +172,10 @@ pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_byt
   e->world = world;
   e->slots = slots;
   e->chunk_bytes = chunk_bytes;
+  e->arena_bytes = arena_bytes;
   e->window = window;
   e->peers = peers;
+  e->pulls_expected = pulls;
   e->culprit = -1;
   e->peers[rank].mode = PEER_SELF;
   return e;
@@ -212,6 +237,7 @@ static void release(pe_exchange_t *x) {
   free(x->to_done);
   free(x->from_done);
   free(x->dropped);
+  free(x->in_arena);
   free(x);
 }
 
@@ -310,9 +336,9 @@ static void mark_dropped(pe_exchange_t *x, int i) {
   if (x->ncounts) memset(&x->counts[(int64_t)i * x->ncounts], 0, (size_t)x->ncounts * 4);
 }
 
-static void write_header(const pe_exchange_t *x, int i, uint32_t seq, uint8_t *dst) {
+static void write_header(const pe_exchange_t *x, int i, uint32_t seq, int arena, uint8_t *dst) {
   header_t h = {.magic = HEADER_MAGIC, .seq = seq, .nrows = (uint64_t)send_rows(&x->sends[i]),
-                .row_bytes = (uint32_t)x->row_bytes, .ncounts = x->ncounts};
+                .row_bytes = (uint32_t)x->row_bytes, .ncounts = x->ncounts, .flags = arena ? HEADER_ARENA : 0};
   memcpy(h.op, x->op, strnlen(x->op, OP_CHARS));
   memset(dst, 0, x->header_bytes);
   memcpy(dst, &h, sizeof h);
@@ -347,8 +373,9 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
   x->to_done = calloc((size_t)npeers, 1);
   x->from_done = calloc((size_t)npeers, 1);
   x->dropped = calloc((size_t)npeers, 1);
+  x->in_arena = calloc((size_t)npeers, 1);
   int ok = x->peers && x->sends && x->rows && x->counts && x->header_known && x->to_done && x->from_done &&
-           x->dropped;
+           x->dropped && x->in_arena;
   if (!ok) pe_err(err, "%s: out of memory", op);
   if (ok && (ncounts < 0 || row_bytes < 0 || x->header_bytes + (uint64_t)row_bytes > (1ull << 40))) {
     pe_err(err, "%s: bad row width %lld or count %d", op, (long long)row_bytes, ncounts);
@@ -415,7 +442,10 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
     }
     out->x = x;
     out->index = i;
-    out->total = x->header_bytes + (uint64_t)send_rows(&x->sends[i]) * (uint64_t)row_bytes;
+    const uint64_t rows_bytes = (uint64_t)send_rows(&x->sends[i]) * (uint64_t)row_bytes;
+    out->total = x->header_bytes + rows_bytes;
+    out->arena = (flags & PE_ARENA) && rows_bytes > 0 && rows_bytes <= e->arena_bytes;
+    if (out->arena) out->arena_seq = p->arena_sent++;
     in->x = x;
     in->index = i;
     x->refs += 2;
@@ -499,15 +529,26 @@ static int send_chunk(pe_engine_t *e, int pr) {
   }
   const pe_exchange_t *x = m->x;
   const uint64_t start = m->sent;
-  const uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
-  uint8_t *dst = p->mode == PEER_DIRECT ? p->window->data + recv_offset(e, e->rank, chunk)
-                                        : e->window->data + stage_offset(e, pr, chunk);
+  uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
+  uint64_t dst_offset = recv_offset(e, e->rank, chunk);
+  if (m->arena && start == 0) {
+    end = x->header_bytes;  // the header alone goes to the slot
+  } else if (m->arena) {
+    // The rows go to the peer's arena for this rank, once the peer is done with its last contents.
+    if (start == x->header_bytes &&
+        pe_load_acquire_i64(&e->window->signals[arena_signal(pr)]) < (int64_t)m->arena_seq) {
+      e->stats.credit_stalls++;
+      return 0;
+    }
+    dst_offset = arena_offset(e, e->rank) + (start - x->header_bytes);
+  }
+  uint8_t *dst = p->mode == PEER_DIRECT ? p->window->data + dst_offset : e->window->data + stage_offset(e, pr, chunk);
   uint8_t *at = dst;
   uint64_t pos = start;
   if (pos < x->header_bytes) {
     uint8_t head[HEADER_BYTES + 4096];
     uint8_t *h = x->header_bytes <= sizeof head ? head : bounce(e, x->header_bytes);
-    write_header(x, m->index, p->send_seq, h);
+    write_header(x, m->index, p->send_seq, m->arena, h);
     uint64_t hend = end < x->header_bytes ? end : x->header_bytes;
     memcpy(at, h + pos, hend - pos);
     at += hend - pos;
@@ -523,7 +564,7 @@ static int send_chunk(pe_engine_t *e, int pr) {
   } else {
     portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_PUT_SIGNAL,
                              .signal_slot = (uint16_t)landed_signal(e->rank, slot), .dst_rank = (uint32_t)pr,
-                             .src_offset = stage_offset(e, pr, chunk), .dst_offset = recv_offset(e, e->rank, chunk),
+                             .src_offset = stage_offset(e, pr, chunk), .dst_offset = dst_offset,
                              .length = (uint32_t)used, .signal_value = 1};
     push_descriptor(e, p, &d);
     e->stats.bytes_staged += used;
@@ -668,9 +709,18 @@ static int check_header(pe_engine_t *e, int pr, in_msg_t *m, const header_t *h, 
            "top-k, dtype or buffer sizes)", x->op, pr, h->row_bytes, e->rank, (long long)x->row_bytes);
     return fail(e, PE_ERR_PROTOCOL, pr);
   }
+  const uint64_t rows_bytes = h->nrows * (uint64_t)x->row_bytes;
+  if ((h->flags & HEADER_ARENA) && (!(x->flags & PE_ARENA) || rows_bytes == 0 || rows_bytes > e->arena_bytes)) {
+    pe_err(err, "%s: rank %d put %llu bytes of rows into an arena of %llu bytes on rank %d: ranks disagree on the "
+           "arena size", x->op, pr, (unsigned long long)rows_bytes, (unsigned long long)e->arena_bytes, e->rank);
+    return fail(e, PE_ERR_PROTOCOL, pr);
+  }
   p->recv_seq++;
   m->header_seen = 1;
-  m->total = x->header_bytes + h->nrows * (uint64_t)x->row_bytes;
+  m->arena = (h->flags & HEADER_ARENA) != 0;
+  x->in_arena[m->index] = (uint8_t)m->arena;
+  e->stats.arena_messages += (uint64_t)m->arena;
+  m->total = x->header_bytes + rows_bytes;
   x->rows[m->index] = (int64_t)h->nrows;
   if (x->ncounts)
     memcpy(&x->counts[(int64_t)m->index * x->ncounts], (const uint8_t *)h + HEADER_BYTES, (size_t)x->ncounts * 4);
@@ -713,7 +763,11 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
   if (x->recvs == NULL) return 0;  // the caller has not said where the rows go yet
   if (m->received == 0 && check_rows(e, pr, m, err) != 0) return -1;
   const uint64_t start = m->received;
-  const uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
+  uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
+  if (m->arena && start == 0)
+    end = x->header_bytes;
+  else if (m->arena)
+    src = e->window->data + arena_offset(e, pr) + (start - x->header_bytes);
   uint64_t pos = start < x->header_bytes ? (end < x->header_bytes ? end : x->header_bytes) : start;
   if (pos < end && scatter_bytes(e, pr, m, pos - x->header_bytes, end - x->header_bytes, src + (pos - start), err) != 0)
     return -1;
@@ -792,11 +846,14 @@ static void flush_credits(pe_engine_t *e) {
   }
 }
 
-// One pass over every stream: consume what landed, write what credits allow. Returns chunks moved
-// (0: nothing to do), or -1 on error.
+static void release_ready(pe_engine_t *e);
+
+// One pass over every stream: consume what landed, write what credits allow, hand back the
+// arenas whose readers are done. Returns chunks moved (0: nothing to do), or -1 on error.
 static int progress(pe_engine_t *e, pe_exchange_t *x, char *err) {
   int moved = 0;
   int pushed = 0;
+  release_ready(e);
   for (int k = 1; k < e->world; ++k) {
     const int pr = (e->rank + k) % e->world;  // start after this rank: peers do not all hit rank 0 first
     peer_t *p = &e->peers[pr];
@@ -974,6 +1031,67 @@ void pe_exchange_dropped(pe_exchange_t *x, int32_t *dropped) {
   for (int i = 0; i < x->npeers; ++i) dropped[i] = x->dropped[i];
 }
 
+const uint8_t *pe_exchange_arena_rows(const pe_exchange_t *x, int i) {
+  return x->in_arena[i] ? x->e->window->data + arena_offset(x->e, x->peers[i]) : NULL;
+}
+
+static void release_arena_now(pe_engine_t *e, int source) {
+  peer_t *p = &e->peers[source];
+  p->release_pending = 0;
+  if (p->mode == PEER_DIRECT) {
+    pe_window_signal(p->window, arena_signal(e->rank), 1);
+  } else if (p->mode == PEER_PROXIED && !p->gone) {
+    portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_SIGNAL,
+                             .signal_slot = (uint16_t)arena_signal(e->rank), .dst_rank = (uint32_t)source,
+                             .signal_value = 1};
+    push_descriptor(e, p, &d);
+    pe_proxy_help(p->proxy);
+  }
+}
+
+void pe_engine_expect_pulls(pe_engine_t *e, const uint8_t *readers) {
+  for (int r = 0; r < e->world; ++r) e->pulls_expected[r] += readers[r] != 0;
+}
+
+int pe_engine_release_arena(pe_engine_t *e, int source, int after_pulls) {
+  peer_t *p = &e->peers[source];
+  if (!after_pulls) {
+    release_arena_now(e, source);
+    return 0;
+  }
+  if (p->release_after == NULL && (p->release_after = malloc((size_t)e->world * sizeof *p->release_after)) == NULL)
+    return -1;
+  memcpy(p->release_after, e->pulls_expected, (size_t)e->world * sizeof *p->release_after);
+  p->release_pending = 1;
+  return 0;
+}
+
+// Hand back the arenas whose readers are all done (pe_engine_release_arena with `pulls`).
+static void release_ready(pe_engine_t *e) {
+  for (int s = 0; s < e->world; ++s) {
+    peer_t *p = &e->peers[s];
+    if (!p->release_pending) continue;
+    int ready = 1;
+    for (int r = 0; ready && r < e->world; ++r)
+      ready = pe_load_acquire_i64(&e->window->signals[pull_signal(r)]) >= p->release_after[r];
+    if (ready) release_arena_now(e, s);
+  }
+}
+
+const uint8_t *pe_engine_peer_arena(const pe_engine_t *e, int holder, int source) {
+  if (e->arena_bytes == 0 || holder < 0 || holder >= e->world || source < 0 || source >= e->world) return NULL;
+  if (holder == e->rank) return e->window->data + arena_offset(e, source);
+  const peer_t *p = &e->peers[holder];
+  return p->mode == PEER_DIRECT ? p->window->data + arena_offset(e, source) : NULL;
+}
+
+int pe_engine_maps(const pe_engine_t *e, int peer) { return peer == e->rank || e->peers[peer].mode == PEER_DIRECT; }
+
+void pe_engine_pull_done(pe_engine_t *e, int holder, uint64_t bytes) {
+  e->stats.bytes_pulled += bytes;
+  pe_window_signal(holder == e->rank ? e->window : e->peers[holder].window, pull_signal(e->rank), 1);
+}
+
 void pe_exchange_free(pe_exchange_t *x) {
   if (x != NULL) release(x);
 }
@@ -1044,7 +1162,9 @@ void pe_engine_destroy(pe_engine_t *e) {
     pe_engine_drop(e, pr);
     p->gone = gone;
   }
+  for (int pr = 0; pr < e->world; ++pr) free(e->peers[pr].release_after);
   free(e->bounce);
   free(e->peers);
+  free(e->pulls_expected);
   free(e);
 }

@@ -28,7 +28,7 @@
 #include "pe_proxy.h"
 #include "pe_window.h"
 
-#define PE_MAX_SLOTS 15  // receive slots per pair (one cache line of counters per peer)
+#define PE_MAX_SLOTS 13  // receive slots per pair (with the credit, arena and pull counters, 16 per peer)
 #define PE_SIGNALS_PER_PEER 16
 
 // element types (in memory and on the wire)
@@ -143,6 +143,10 @@ typedef struct pe_recv {
 
 // exchange flags
 #define PE_DROP_DEAD 1  // a peer dropped as dead completes with 0 rows instead of failing the exchange
+// A message's rows land contiguously in the receiver's arena for its sender (when they fit; the
+// header still goes to a slot) and stay there, not in the recycled slots, until the receiver
+// hands the arena back (pe_engine_release_arena); the sender's next arena message waits for that.
+#define PE_ARENA 2
 
 // error kinds (pe_engine_error)
 enum pe_error_kind {
@@ -167,13 +171,16 @@ typedef struct pe_engine_stats {
   uint64_t descriptors;     // descriptors pushed to the proxy
   uint64_t credit_stalls;   // times a stream waited for a credit
   uint64_t sleeps;          // times the rank slept on its doorbell
+  uint64_t arena_messages;  // messages received whose rows landed in this rank's arena
+  uint64_t bytes_pulled;    // payload bytes this rank copied out of its node's arenas itself
 } pe_engine_stats_t;
 
 // A rank's engine for one Buffer. The window (created by the caller) must have
-// pe_engine_num_signals(world) signals and pe_engine_data_bytes(world, slots, chunk) data bytes.
+// pe_engine_num_signals(world) signals and pe_engine_data_bytes(world, slots, chunk, arena) data bytes.
 uint32_t pe_engine_num_signals(int world);
-uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes);
-pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, pe_window_t *window, char *err);
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes);
+pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes,
+                              pe_window_t *window, char *err);
 // Peer `peer` is on this node: its window (mapped here) takes direct stores.
 int pe_engine_set_direct(pe_engine_t *e, int peer, pe_window_t *peer_window, char *err);
 // Peer `peer` is reached through `proxy` (endpoint `endpoint`, fed by `ring`).
@@ -204,6 +211,22 @@ void pe_exchange_describe(pe_exchange_t *x, int32_t *state, char *text, size_t c
 // Peers dropped from it after they died (PE_DROP_DEAD), as 0/1 per peer.
 void pe_exchange_dropped(pe_exchange_t *x, int32_t *dropped);
 void pe_exchange_free(pe_exchange_t *x);
+// Where the rows of peers[i]'s message landed, if in this rank's arena (header known), else NULL.
+const uint8_t *pe_exchange_arena_rows(const pe_exchange_t *x, int i);
+// Ranks with readers[r] != 0 are to read rows out of this rank's arenas once more (and then
+// call pe_engine_pull_done).
+void pe_engine_expect_pulls(pe_engine_t *e, const uint8_t *readers);
+// Hand back the arena of `source` (its next arena message may land there): now, or with
+// `after_pulls` once every read expected so far is done (checked as the engine makes progress).
+// 0, or -1 (out of memory).
+int pe_engine_release_arena(pe_engine_t *e, int source, int after_pulls);
+// The arena `holder` (this rank or a peer whose window is mapped here) keeps for `source`, or NULL.
+const uint8_t *pe_engine_peer_arena(const pe_engine_t *e, int holder, int source);
+// Whether `peer`'s window is mapped here (it is this rank or a direct peer).
+int pe_engine_maps(const pe_engine_t *e, int peer);
+// This rank has finished reading rows out of `holder`'s arenas (this rank or a mapped peer):
+// `bytes` of them.
+void pe_engine_pull_done(pe_engine_t *e, int holder, uint64_t bytes);
 
 // Give up on a dead peer: exchanges started with PE_DROP_DEAD complete without it, others keep
 // waiting (the caller's liveness check fails them); later exchanges leave it out.

@@ -57,7 +57,20 @@ struct pe_ht {
   int64_t *own_index;      // this rank's tokens each rank of its node needs, by (local rank, token)
   int64_t *own_first;      // [per_node + 1]
   int64_t *hop_first;      // [nodes + 1]: network-hop rows from each node, in landing order
-  uint8_t *hop;            // those rows, as they were on the wire
+  uint8_t *hop;            // those rows, as they were on the wire, unless they stay in the arena
+  const uint8_t **hop_base;  // [nodes]: where node n's network-hop rows are (the arena or `hop`)
+  uint8_t *arena_held;     // [nodes]: node n's rows are in this rank's arena, not handed back yet
+  // Forwarder side: node n's rows are read by the node's ranks straight out of this rank's arena
+  // in the dispatch under way (pull), and were in the first dispatch (a cached one pulls only those).
+  uint8_t *pull;           // [nodes]
+  uint8_t *pulled_first;   // [nodes]
+  // Reader side, by (local rank j, node n): what the node hop's header from j says.
+  uint8_t *cell_pulled;    // [per_node * nodes]: the rows are to be read out of j's arena
+  int64_t *cell_arena_rows;  // [per_node * nodes]: rows in j's arena for node n
+  int64_t *pull_rows;      // the arena rows this rank takes, by cell (found by the first dispatch)
+  int64_t *pull_first;     // [per_node * nodes + 1]
+  int64_t *msg_positions;  // output rows of the rows the messages carry (the cells not pulled), by j
+  int64_t *msg_first;      // [per_node + 1]
   size_t hop_cap;
   int64_t hop_row_bytes;
   int64_t mask_offset;     // of the routing column in a hop row (first dispatch only), or -1
@@ -75,8 +88,10 @@ struct pe_ht {
 void pe_ht_free(pe_ht_t *ht) {
   if (ht == NULL) return;
   void *owned[] = {ht->net_peers, ht->node_peers, ht->net_index, ht->net_first, ht->own_index, ht->own_first,
-                   ht->hop_first, ht->hop, ht->send_index, ht->send_first, ht->recv_first, ht->positions,
-                   ht->node_targets, ht->net_targets, ht->contributions, ht->remaining};
+                   ht->hop_first, ht->hop, ht->hop_base, ht->arena_held, ht->pull, ht->pulled_first,
+                   ht->cell_pulled, ht->cell_arena_rows, ht->pull_rows, ht->pull_first, ht->msg_positions,
+                   ht->msg_first, ht->send_index, ht->send_first, ht->recv_first, ht->positions, ht->node_targets,
+                   ht->net_targets, ht->contributions, ht->remaining};
   for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]);
   free(ht);
 }
@@ -151,7 +166,8 @@ static int ht_start_net(pe_ht_t *ht, const char *op, const uint8_t *in_rank, con
                              .nrows = ht->net_first[n + 1] - ht->net_first[n], .nfields = nfields};
     sends[n] = (pe_send_t){.segments = (uint64_t)(uintptr_t)&segs[n], .nsegments = segs[n].nrows > 0};
   }
-  *x = ht_start(ht, op, nodes, ht->net_peers, sends, pe_fields_wire_bytes(fields, nfields), 0, recvs, flags, err);
+  *x = ht_start(ht, op, nodes, ht->net_peers, sends, pe_fields_wire_bytes(fields, nfields), 0, recvs,
+                flags | PE_ARENA, err);
   free(sends);
   free(segs);
   free(wire);
@@ -184,8 +200,14 @@ pe_ht_t *pe_ht_dispatch(pe_engine_t *e, const char *op, int per_node, const uint
   ht->net_first = calloc((size_t)nodes + 1, sizeof *ht->net_first);
   ht->hop_first = calloc((size_t)nodes + 1, sizeof *ht->hop_first);
   ht->own_first = calloc((size_t)per_node + 1, sizeof *ht->own_first);
+  ht->hop_base = calloc((size_t)nodes, sizeof *ht->hop_base);
+  ht->arena_held = calloc((size_t)nodes, sizeof *ht->arena_held);
+  ht->pull = calloc((size_t)nodes, sizeof *ht->pull);
+  ht->pulled_first = calloc((size_t)nodes, sizeof *ht->pulled_first);
   int64_t *cursor = malloc((size_t)(nodes > per_node ? nodes : per_node) * sizeof *cursor);
-  if (!ht->net_peers || !ht->node_peers || !ht->net_first || !ht->hop_first || !ht->own_first || !cursor) goto oom;
+  if (!ht->net_peers || !ht->node_peers || !ht->net_first || !ht->hop_first || !ht->own_first || !ht->hop_base ||
+      !ht->arena_held || !ht->pull || !ht->pulled_first || !cursor)
+    goto oom;
   for (int n = 0; n < nodes; ++n) ht->net_peers[n] = n * per_node + ht->local;
   for (int j = 0; j < per_node; ++j) ht->node_peers[j] = me * per_node + j;
   // Counts, then the lists: tokens by (node, token) for the network, by (local rank, token) for this node.
@@ -257,19 +279,47 @@ int pe_ht_hop_receive(pe_ht_t *ht, pe_exchange_t *x, char *err) {
     ht_fail(ht, PE_ERR_USAGE, err, "the headers of the network hop have not all arrived");
     goto done;
   }
-  for (int n = 0; n < nodes; ++n) ht->hop_first[n + 1] = ht->hop_first[n] + rows[n];
+  for (int n = 0; n < nodes; ++n) {
+    if (ht->mask_offset >= 0) {  // a first dispatch: the rows each node sends are learnt here
+      ht->hop_first[n + 1] = ht->hop_first[n] + rows[n];
+    } else if (rows[n] != ht->hop_first[n + 1] - ht->hop_first[n]) {  // a cached one: as the first
+      pe_err(err, "rank %d sent %lld rows along a cached route of %lld", ht->net_peers[n], (long long)rows[n],
+             (long long)(ht->hop_first[n + 1] - ht->hop_first[n]));
+      rc = pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+      goto done;
+    }
+  }
   if (ht_reserve_hop(ht) != 0) {
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     goto done;
   }
-  pe_field_t field;
+  // Rows that landed in the arena stay there (their bytes are skipped on arrival); the others are
+  // copied out of the slots into `hop`.
+  pe_field_t field, skip = {.elem_stride = 1, .count = (int32_t)ht->hop_row_bytes, .mem_type = PE_U8,
+                            .wire_type = PE_U8, .kind = PE_SKIP};
   ht_hop_recvs(ht, &field, recvs);
+  for (int n = 0; n < nodes; ++n) {
+    const uint8_t *arena = pe_exchange_arena_rows(x, n);
+    ht->arena_held[n] = arena != NULL;
+    ht->hop_base[n] = arena != NULL ? arena : ht->hop + ht->hop_first[n] * ht->hop_row_bytes;
+    if (arena != NULL) recvs[n].fields = (uint64_t)(uintptr_t)&skip;
+  }
   rc = pe_exchange_set_recv(x, recvs, err);
   if (rc == 0) rc = pe_exchange_push(x, err);
 done:
   free(rows);
   free(recvs);
   return rc;
+}
+
+int pe_ht_release_arena(pe_ht_t *ht, char *err) {
+  for (int n = 0; n < ht->nodes; ++n)
+    if (ht->arena_held[n]) {  // rows the node's ranks pull: once they all have
+      if (pe_engine_release_arena(ht->e, ht->net_peers[n], ht->pull[n]) != 0)
+        return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+      ht->arena_held[n] = 0;
+    }
+  return 0;
 }
 
 int pe_ht_cached(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields, int flags, pe_exchange_t **x,
@@ -281,17 +331,8 @@ int pe_ht_cached(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfie
   }
   ht->hop_row_bytes = pe_fields_wire_bytes(fields, nfields);
   ht->mask_offset = -1;
-  if (ht->nodes == 1) return 0;
-  pe_recv_t *recvs = calloc((size_t)ht->nodes, sizeof *recvs);
-  if (recvs == NULL || ht_reserve_hop(ht) != 0) {
-    free(recvs);
-    return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-  }
-  pe_field_t field;
-  ht_hop_recvs(ht, &field, recvs);
-  const int rc = ht_start_net(ht, op, NULL, fields, nfields, -1, recvs, flags, x, err);
-  free(recvs);
-  return rc;
+  // where the rows land is known once the headers arrived (pe_ht_hop_receive)
+  return ht_start_net(ht, op, NULL, fields, nfields, -1, NULL, flags, x, err);
 }
 
 // The node hop's lists (first dispatch): to local rank j, per node n in order, the rows of node n
@@ -308,7 +349,7 @@ static int ht_build_sends(pe_ht_t *ht) {
   for (int j = 0; j < per_node; ++j) count[j * nodes + me] = ht->own_first[j + 1] - ht->own_first[j];
   for (int n = 0; n < nodes; ++n)
     for (int64_t r = ht->hop_first[n]; r < ht->hop_first[n + 1]; ++r) {
-      const uint8_t *mask = ht->hop + r * ht->hop_row_bytes + ht->mask_offset;
+      const uint8_t *mask = ht->hop_base[n] + (r - ht->hop_first[n]) * ht->hop_row_bytes + ht->mask_offset;
       for (int j = 0; j < per_node; ++j) count[j * nodes + n] += mask[j] != 0;
     }
   for (int c = 0; c < cells; ++c) ht->send_first[c + 1] += ht->send_first[c];
@@ -323,7 +364,7 @@ static int ht_build_sends(pe_ht_t *ht) {
            (size_t)(ht->own_first[j + 1] - ht->own_first[j]) * sizeof *ht->send_index);
   for (int n = 0; n < nodes; ++n)
     for (int64_t r = ht->hop_first[n]; r < ht->hop_first[n + 1]; ++r) {
-      const uint8_t *mask = ht->hop + r * ht->hop_row_bytes + ht->mask_offset;
+      const uint8_t *mask = ht->hop_base[n] + (r - ht->hop_first[n]) * ht->hop_row_bytes + ht->mask_offset;
       for (int j = 0; j < per_node; ++j)
         if (mask[j]) ht->send_index[cursor[j * nodes + n]++] = r;
     }
@@ -331,80 +372,103 @@ static int ht_build_sends(pe_ht_t *ht) {
   return 0;
 }
 
-// The node hop's receive side: the rows from local rank j, by (source node, source order), into
-// their output rows.
-static void ht_node_recvs(const pe_ht_t *ht, const pe_field_t *fields, int nfields, pe_recv_t *recvs) {
-  for (int j = 0; j < ht->per_node; ++j) {
-    const int64_t first = ht->recv_first[j * ht->nodes], end = ht->recv_first[(j + 1) * ht->nodes];
-    recvs[j] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)fields,
-                           .index = (uint64_t)(uintptr_t)(ht->positions + first), .expect_rows = end - first,
-                           .nfields = nfields};
-  }
+// Node hop header counts, per receiving local rank: for each node n, the rows it gets from n; then
+// whether it reads them out of the sender's arena itself (1) or they travel in the message (0);
+// then the rows in the sender's arena for n (the bound of that read).
+#define NODE_COUNTS(nodes) (3 * (nodes))
+
+// Whether every rank of this node maps this rank's window (then they can read its arenas).
+static int ht_node_maps(const pe_ht_t *ht) {
+  for (int j = 0; j < ht->per_node; ++j)
+    if (!pe_engine_maps(ht->e, ht->node_peers[j])) return 0;
+  return 1;
 }
 
-pe_exchange_t *pe_ht_forward(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields,
-                             const pe_field_t *out_fields, int nout, int flags, char *err) {
-  const int per_node = ht->per_node, nodes = ht->nodes, me = ht->node;
+pe_exchange_t *pe_ht_forward(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields, int flags,
+                             char *err) {
+  const int per_node = ht->per_node, nodes = ht->nodes, me = ht->node, ncounts = NODE_COUNTS(nodes);
   const int64_t row_bytes = pe_fields_wire_bytes(fields, nfields);
-  if ((nodes > 1 && row_bytes > ht->hop_row_bytes) || (ht->send_index == NULL && ht->mask_offset < 0) ||
-      (out_fields != NULL && ht->positions == NULL)) {
+  if ((nodes > 1 && row_bytes > ht->hop_row_bytes) || (ht->send_index == NULL && ht->mask_offset < 0)) {
     pe_err(err, "%s: the node hop does not follow its network hop", op);
     pe_engine_fail(ht->e, PE_ERR_USAGE);
     return NULL;
   }
-  if (ht->send_index == NULL && ht_build_sends(ht) != 0) {
+  const int first = ht->send_index == NULL;
+  if (first && ht_build_sends(ht) != 0) {
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     return NULL;
   }
+  // Rows that stay in this rank's arena are read by the node's ranks themselves (a cached dispatch:
+  // only where the first one did, since that is where they know their rows from).
+  const int maps = ht_node_maps(ht);
+  int pulls = 0;
+  for (int n = 0; n < nodes; ++n) {
+    ht->pull[n] = n != me && ht->arena_held[n] && maps && (first || ht->pulled_first[n]);
+    if (first) ht->pulled_first[n] = ht->pull[n];
+    pulls |= ht->pull[n];
+  }
   pe_send_t *sends = calloc((size_t)per_node, sizeof *sends);
   pe_segment_t *segs = calloc((size_t)ht_cells(ht), sizeof *segs);
-  int32_t *counts = calloc((size_t)ht_cells(ht), sizeof *counts);
-  pe_recv_t *recvs = out_fields != NULL ? calloc((size_t)per_node, sizeof *recvs) : NULL;
+  int32_t *counts = calloc((size_t)per_node * (size_t)ncounts, sizeof *counts);
+  pe_field_t *hop_fields = calloc((size_t)nodes, sizeof *hop_fields);
+  uint8_t *readers = calloc((size_t)ht->world, 1);
   pe_exchange_t *x = NULL;
-  if (sends == NULL || segs == NULL || counts == NULL || (out_fields != NULL && recvs == NULL)) {
+  if (sends == NULL || segs == NULL || counts == NULL || hop_fields == NULL || readers == NULL) {
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     goto done;
   }
-  // Forwarded rows are gathered from the landed wire rows: the node hop's row is a prefix of them.
-  const pe_field_t hop_field = {.base = (uint64_t)(uintptr_t)ht->hop, .row_stride = ht->hop_row_bytes,
-                                .elem_stride = 1, .count = (int32_t)row_bytes, .mem_type = PE_U8,
-                                .wire_type = PE_U8, .kind = PE_GATHER};
+  // Forwarded rows are gathered from the landed wire rows (in the arena or `hop`; row r of node n
+  // is row r - hop_first[n] there): the node hop's row is a prefix of them.
+  for (int n = 0; n < nodes; ++n)
+    hop_fields[n] = (pe_field_t){.base = (uint64_t)(uintptr_t)ht->hop_base[n] -
+                                         (uint64_t)(ht->hop_first[n] * ht->hop_row_bytes),
+                                 .row_stride = ht->hop_row_bytes, .elem_stride = 1, .count = (int32_t)row_bytes,
+                                 .mem_type = PE_U8, .wire_type = PE_U8, .kind = PE_GATHER};
   for (int j = 0; j < per_node; ++j) {
     pe_segment_t *seg = &segs[j * nodes];
+    int32_t *head = &counts[j * ncounts];
     int nseg = 0;
     for (int n = 0; n < nodes; ++n) {
       const int c = j * nodes + n;
       const int64_t rows = ht->send_first[c + 1] - ht->send_first[c];
-      counts[c] = (int32_t)rows;
-      if (rows == 0) continue;
-      seg[nseg++] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)(n == me ? fields : &hop_field),
+      head[n] = (int32_t)rows;
+      head[nodes + n] = ht->pull[n];
+      head[2 * nodes + n] = ht->pull[n] ? (int32_t)(ht->hop_first[n + 1] - ht->hop_first[n]) : 0;
+      if (rows == 0 || ht->pull[n]) continue;
+      seg[nseg++] = (pe_segment_t){.fields = (uint64_t)(uintptr_t)(n == me ? fields : &hop_fields[n]),
                                    .index = (uint64_t)(uintptr_t)(ht->send_index + ht->send_first[c]),
                                    .nrows = rows, .nfields = n == me ? nfields : 1};
     }
-    sends[j] = (pe_send_t){.segments = (uint64_t)(uintptr_t)seg, .counts = (uint64_t)(uintptr_t)&counts[j * nodes],
+    sends[j] = (pe_send_t){.segments = (uint64_t)(uintptr_t)seg, .counts = (uint64_t)(uintptr_t)head,
                            .nsegments = nseg};
+    readers[ht->node_peers[j]] = (uint8_t)pulls;
   }
-  if (recvs != NULL) ht_node_recvs(ht, out_fields, nout, recvs);
-  x = ht_start(ht, op, per_node, ht->node_peers, sends, row_bytes, nodes, recvs, flags, err);
+  x = ht_start(ht, op, per_node, ht->node_peers, sends, row_bytes, ncounts, NULL, flags, err);
+  if (x != NULL) pe_engine_expect_pulls(ht->e, readers);
 done:
+  free(readers);
+  free(hop_fields);
   free(sends);
   free(segs);
   free(counts);
-  free(recvs);
   return x;
 }
 
 int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err) {
-  const int per_node = ht->per_node, nodes = ht->nodes, cells = ht_cells(ht);
+  const int per_node = ht->per_node, nodes = ht->nodes, cells = ht_cells(ht), ncounts = NODE_COUNTS(nodes);
   int64_t *rows = malloc((size_t)per_node * sizeof *rows);
-  int32_t *head = malloc((size_t)cells * sizeof *head);
+  int32_t *head = malloc((size_t)per_node * (size_t)ncounts * sizeof *head);
   int64_t *counts = malloc((size_t)cells * sizeof *counts);
+  int64_t *before = ht->recv_first;  // a cached dispatch's route: its counts must not change
   int64_t total = -1;
-  free(ht->recv_first);
   free(ht->positions);
-  ht->positions = NULL;
+  free(ht->msg_positions);
+  ht->positions = ht->msg_positions = NULL;
   ht->recv_first = calloc((size_t)cells + 1, sizeof *ht->recv_first);
-  if (!rows || !head || !counts || !ht->recv_first) {
+  if (ht->msg_first == NULL) ht->msg_first = malloc(((size_t)per_node + 1) * sizeof *ht->msg_first);
+  if (ht->cell_pulled == NULL) ht->cell_pulled = malloc((size_t)cells);
+  if (ht->cell_arena_rows == NULL) ht->cell_arena_rows = malloc((size_t)cells * sizeof *ht->cell_arena_rows);
+  if (!rows || !head || !counts || !ht->recv_first || !ht->msg_first || !ht->cell_pulled || !ht->cell_arena_rows) {
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     goto done;
   }
@@ -412,46 +476,146 @@ int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err) {
     ht_fail(ht, PE_ERR_USAGE, err, "the headers of the node hop have not all arrived");
     goto done;
   }
+  ht->msg_first[0] = 0;
   for (int j = 0; j < per_node; ++j) {
-    int64_t sum = 0;
-    int negative = 0;
+    const int32_t *h = &head[j * ncounts];
+    const int sender = ht->node_peers[j];
+    int64_t carried = 0;
+    int bad = 0;
     for (int n = 0; n < nodes; ++n) {
-      const int32_t c = head[j * nodes + n];
-      negative |= c < 0;
-      counts[j * nodes + n] = c;
-      sum += c;
+      const int c = j * nodes + n;
+      const int pulled = h[nodes + n] != 0;
+      bad |= h[n] < 0 || h[2 * nodes + n] < h[n] * pulled || (pulled && n == ht->node);
+      counts[c] = h[n];
+      ht->cell_pulled[c] = (uint8_t)pulled;
+      ht->cell_arena_rows[c] = h[2 * nodes + n];
+      if (pulled && pe_engine_peer_arena(ht->e, sender, n * per_node + j) == NULL) {
+        pe_err(err, "rank %d asks rank %d to read its arena, which it cannot", sender, ht->rank);
+        pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+        goto done;
+      }
+      if (!pulled) carried += h[n];
     }
-    if (negative || sum != rows[j]) {
-      pe_err(err, "rank %d sent %lld rows, its per-node counts say %lld", ht->node_peers[j], (long long)rows[j],
-             (long long)sum);
+    if (bad || carried != rows[j]) {
+      pe_err(err, "rank %d sent %lld rows, its per-node counts say %lld", sender, (long long)rows[j],
+             (long long)carried);
       pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
       goto done;
     }
+    ht->msg_first[j + 1] = ht->msg_first[j] + carried;
   }
   for (int c = 0; c < cells; ++c) ht->recv_first[c + 1] = ht->recv_first[c] + counts[c];
+  for (int c = 0; before != NULL && c < cells; ++c)
+    if (before[c + 1] - before[c] != counts[c]) {
+      pe_err(err, "rank %d forwards %lld rows from node %d along a cached route of %lld",
+             ht->node_peers[c / nodes], (long long)counts[c], c % nodes, (long long)(before[c + 1] - before[c]));
+      pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+      goto done;
+    }
   ht->positions = ht_index(ht->recv_first[cells]);
-  if (ht->positions == NULL) {
+  ht->msg_positions = ht_index(ht->msg_first[per_node]);
+  if (ht->positions == NULL || ht->msg_positions == NULL) {
     ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
     goto done;
   }
   pe_ht_positions(counts, per_node, nodes, ht->positions);
+  int64_t at = 0;  // the carried cells' output rows, in message order
+  for (int c = 0; c < cells; ++c)
+    if (!ht->cell_pulled[c])
+      for (int64_t i = ht->recv_first[c]; i < ht->recv_first[c + 1]; ++i) ht->msg_positions[at++] = ht->positions[i];
   total = ht->recv_first[cells];
 done:
+  free(before);
   free(rows);
   free(head);
   free(counts);
   return total;
 }
 
+// Read this rank's rows of cell c (node n's rows, held by local rank j) out of j's arena into
+// their output rows: on a first dispatch found by the routing column (and kept for cached ones).
+static int ht_pull_cell(pe_ht_t *ht, int c, const pe_field_t *fields, int nfields, char *err) {
+  const int j = c / ht->nodes, n = c % ht->nodes, holder = ht->node_peers[j];
+  const uint8_t *arena = pe_engine_peer_arena(ht->e, holder, n * ht->per_node + j);
+  const int64_t want = ht->recv_first[c + 1] - ht->recv_first[c], stride = ht->hop_row_bytes;
+  const int64_t *out = ht->positions + ht->recv_first[c];
+  if (ht->mask_offset >= 0) {  // first dispatch: this rank's rows are those whose routing names it
+    int64_t *mine = ht->pull_rows + ht->pull_first[c], found = 0;
+    for (int64_t i = 0; i < ht->cell_arena_rows[c] && found <= want; ++i) {
+      const uint8_t *row = arena + i * stride;
+      if (!row[ht->mask_offset + ht->local]) continue;
+      if (found < want) {
+        mine[found] = i;
+        pe_scatter_row(fields, nfields, out[found], 1.0f, 0, row);
+      }
+      found++;
+    }
+    if (found != want) {
+      pe_err(err, "rank %d's arena holds %lld rows from node %d for rank %d, its header said %lld", holder,
+             (long long)found, n, ht->rank, (long long)want);
+      return pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+    }
+    return 0;
+  }
+  if (ht->pull_first == NULL || ht->pull_first[c + 1] - ht->pull_first[c] != want) {
+    pe_err(err, "rank %d has this rank read rows from node %d that the route's first dispatch did not", holder, n);
+    return pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+  }
+  const int64_t *mine = ht->pull_rows + ht->pull_first[c];
+  for (int64_t k = 0; k < want; ++k) {
+    if (mine[k] >= ht->cell_arena_rows[c]) {
+      pe_err(err, "rank %d's arena holds %lld rows from node %d, fewer than the route reads", holder,
+             (long long)ht->cell_arena_rows[c], n);
+      return pe_engine_fail(ht->e, PE_ERR_PROTOCOL);
+    }
+    pe_scatter_row(fields, nfields, out[k], 1.0f, 0, arena + mine[k] * stride);
+  }
+  return 0;
+}
+
 int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, int nfields, char *err) {
+  const int per_node = ht->per_node, nodes = ht->nodes, cells = ht_cells(ht);
   if (ht->positions == NULL) return ht_fail(ht, PE_ERR_USAGE, err, "the node hop's rows are not counted yet");
-  pe_recv_t *recvs = calloc((size_t)ht->per_node, sizeof *recvs);
+  pe_recv_t *recvs = calloc((size_t)per_node, sizeof *recvs);
   if (recvs == NULL) return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
-  ht_node_recvs(ht, fields, nfields, recvs);
+  for (int j = 0; j < per_node; ++j)
+    recvs[j] = (pe_recv_t){.fields = (uint64_t)(uintptr_t)fields,
+                           .index = (uint64_t)(uintptr_t)(ht->msg_positions + ht->msg_first[j]),
+                           .expect_rows = ht->msg_first[j + 1] - ht->msg_first[j], .nfields = nfields};
   int rc = pe_exchange_set_recv(x, recvs, err);
   if (rc == 0) rc = pe_exchange_push(x, err);
   free(recvs);
-  return rc;
+  if (rc != 0) return rc;
+  // The rows the messages do not carry: read out of the node's arenas (every header has arrived,
+  // so every arena is complete), then each holder told this rank is done with them.
+  if (ht->mask_offset >= 0) {
+    free(ht->pull_rows);
+    free(ht->pull_first);
+    ht->pull_rows = NULL;
+    ht->pull_first = calloc((size_t)cells + 1, sizeof *ht->pull_first);
+    if (ht->pull_first == NULL) return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+    for (int c = 0; c < cells; ++c)
+      ht->pull_first[c + 1] = ht->pull_first[c] + (ht->cell_pulled[c] ? ht->recv_first[c + 1] - ht->recv_first[c] : 0);
+    ht->pull_rows = ht_index(ht->pull_first[cells]);
+    if (ht->pull_rows == NULL) return ht_fail(ht, PE_ERR_USAGE, err, "out of memory");
+  }
+  const int64_t row_bytes = pe_fields_wire_bytes(fields, nfields);
+  for (int j = 0; j < per_node; ++j) {
+    int pulled = 0;
+    int64_t rows = 0;
+    for (int n = 0; n < nodes; ++n) {
+      const int c = j * nodes + n;
+      if (!ht->cell_pulled[c]) continue;
+      pulled = 1;
+      rows += ht->recv_first[c + 1] - ht->recv_first[c];
+      if (ht_pull_cell(ht, c, fields, nfields, err) != 0) return -1;
+    }
+    if (pulled) {
+      pe_stream_fence();
+      pe_engine_pull_done(ht->e, ht->node_peers[j], (uint64_t)(rows * row_bytes));
+    }
+  }
+  return 0;
 }
 
 // The specs of a combine hop: one segment and one receive per peer, filled by the caller.

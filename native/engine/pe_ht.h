@@ -50,21 +50,27 @@ enum {
 pe_ht_t *pe_ht_dispatch(pe_engine_t *e, const char *op, int per_node, const uint8_t *in_rank, int64_t tokens,
                         const pe_field_t *fields, int nfields, int mask_field, int flags, pe_exchange_t **x,
                         char *err);
-// Once the network hop's headers arrived: where its rows land (kept by the route). 0, or -1.
+// Once the network hop's headers arrived: where its rows land (kept by the route): rows that fit
+// stay in this rank's arena (PE_ARENA), the others are copied into the route's buffer. 0, or -1.
 int pe_ht_hop_receive(pe_ht_t *ht, pe_exchange_t *x, char *err);
-// A cached dispatch along the route: the network hop of `fields` (PE_GATHER, no routing column),
-// with its receive side set. `*x` as for pe_ht_dispatch. 0, or -1.
+// Once the node hop completed: hand the arenas back to their senders (those the node's ranks read
+// rows out of, once every one of them is done). 0, or -1.
+int pe_ht_release_arena(pe_ht_t *ht, char *err);
+// A cached dispatch along the route: the network hop of `fields` (PE_GATHER, no routing column);
+// its receive side is set by pe_ht_hop_receive. `*x` as for pe_ht_dispatch. 0, or -1.
 int pe_ht_cached(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields, int flags, pe_exchange_t **x,
                  char *err);
 // Once the network hop completed: start the node hop of `fields` (PE_GATHER over the caller's
-// tensors, the same columns as the network hop without its routing). With `out_fields` (PE_SCATTER,
-// only once the route knows where rows land, i.e. for a cached dispatch), the receive side is set.
-pe_exchange_t *pe_ht_forward(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields,
-                             const pe_field_t *out_fields, int nout, int flags, char *err);
+// tensors, the same columns as the network hop without its routing). Rows of the network hop that
+// stayed in this rank's arena are not forwarded when every rank of the node maps this rank's
+// window: the header tells each rank to read its own out of the arena (pe_ht_node_receive).
+pe_exchange_t *pe_ht_forward(pe_ht_t *ht, const char *op, const pe_field_t *fields, int nfields, int flags,
+                             char *err);
 // Once the node hop's headers arrived: the rows this rank receives (-1 on error: a peer whose
 // counts do not add up to its rows).
 int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err);
-// Then: where they go (`fields`: PE_SCATTER over the output rows, grouped by source rank). 0, or -1.
+// Then: where they go (`fields`: PE_SCATTER over the output rows, grouped by source rank); the
+// rows the node's arenas hold for this rank are copied out of them here. 0, or -1.
 int pe_ht_node_receive(pe_ht_t *ht, pe_exchange_t *x, const pe_field_t *fields, int nfields, char *err);
 // The combine's node hop: rows of the dispatch's output (`send_fields`, PE_GATHER) go back to the
 // rank that forwarded them, which reduces them (`acc_fields`, PE_REDUCE; `touched` as in pe_recv_t)
