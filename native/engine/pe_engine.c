@@ -88,6 +88,12 @@ struct pe_exchange {
   uint8_t *from_done;
   uint8_t *dropped;
   uint8_t *in_arena;  // per peer: its rows landed in this rank's arena
+  // This rank's own rows into final sums, held back (see move_local): per destination row, the
+  // source row and its weight, summed first when a peer's row for it arrives, or at the end.
+  const uint8_t **held;
+  float *held_weight;
+  int64_t held_rows;   // destination rows the arrays cover
+  int local_held;      // this rank's rows have been held back, not yet all applied
   int pending_to;
   int pending_from;
   int refs;  // the caller's, plus one per queued message
@@ -238,6 +244,8 @@ static void release(pe_exchange_t *x) {
   free(x->from_done);
   free(x->dropped);
   free(x->in_arena);
+  free(x->held);
+  free(x->held_weight);
   free(x);
 }
 
@@ -588,26 +596,36 @@ static int send_chunk(pe_engine_t *e, int pr) {
 // Reduce `nrows` rows (wire bytes at `bytes`, `row_bytes` apart) into destination row `dst`, as
 // one run; with a final spec, the contribution that completes the row writes its final value. -1
 // if the row was already complete (more contributions than announced).
-static int reduce_run(const pe_recv_t *r, int64_t dst, const float *weights, const uint8_t *bytes,
+// A row of this rank's own held back for `dst` joins the run (summed first).
+static int reduce_run(pe_exchange_t *x, const pe_recv_t *r, int64_t dst, const float *weights, const uint8_t *bytes,
                       int64_t row_bytes, int64_t nrows) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
   uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
   const pe_final_t *fin = (const pe_final_t *)(uintptr_t)r->final;
   const pe_field_t *final = NULL;
+  const uint8_t *lead = NULL;
+  float lead_weight = 0.0f;
+  if (x->held != NULL && dst >= 0 && dst < x->held_rows && x->held[dst] != NULL) {
+    lead = x->held[dst];
+    lead_weight = x->held_weight[dst];
+    x->held[dst] = NULL;
+  }
+  const int64_t copies = nrows + (lead != NULL);
   if (fin != NULL) {
     int32_t *remaining = (int32_t *)(uintptr_t)fin->remaining;
-    if (remaining[dst] < nrows) return -1;
-    remaining[dst] -= (int32_t)nrows;
+    if (remaining[dst] < copies) return -1;
+    remaining[dst] -= (int32_t)copies;
     if (remaining[dst] == 0) final = (const pe_field_t *)(uintptr_t)fin->fields;
   }
-  pe_reduce_rows(fields, r->nfields, dst, weights, touched ? !touched[dst] : 0, bytes, row_bytes, nrows, final);
+  pe_reduce_rows(fields, r->nfields, dst, weights, touched ? !touched[dst] : 0, bytes, row_bytes, nrows, lead,
+                 lead_weight, final);
   if (touched) touched[dst] = final != NULL ? 2 : 1;
   return 0;
 }
 
 // Apply received row `row` (its wire bytes) as `r` says; -1 if it names a destination it may not
 // (a fan-out key out of range or past its end, a final row already complete).
-static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
+static int apply_row(pe_exchange_t *x, const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r->fields;
   if (r->fanout) {
     pe_fanout_t *f = (pe_fanout_t *)(uintptr_t)r->fanout;
@@ -628,7 +646,7 @@ static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
   const float *weights = (const float *)(uintptr_t)r->weights;
   uint8_t *touched = (uint8_t *)(uintptr_t)r->touched;
   const int64_t dst = index ? index[row] : r->first + row;
-  if (r->final) return reduce_run(r, dst, weights ? weights + row : NULL, bytes, 0, 1);
+  if (r->final) return reduce_run(x, r, dst, weights ? weights + row : NULL, bytes, 0, 1);
   pe_scatter_row(fields, r->nfields, dst, weights ? weights[row] : 1.0f, touched ? !touched[dst] : 0, bytes);
   if (touched) touched[dst] = 1;
   return 0;
@@ -637,7 +655,7 @@ static int apply_row(const pe_recv_t *r, int64_t row, const uint8_t *bytes) {
 // Apply the rows in bytes [a, b) of message `m`; -1 (with `err`) if a row was refused.
 static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64_t b, const uint8_t *src,
                          char *err) {
-  const pe_exchange_t *x = m->x;
+  pe_exchange_t *x = m->x;
   const uint64_t rb = (uint64_t)x->row_bytes;
   if (rb == 0) return 0;
   const pe_recv_t *r = &x->recvs[m->index];
@@ -653,7 +671,7 @@ static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64
       while (n < whole && index[row + n] == dst) n++;
       if (n > 1) {
         const float *weights = (const float *)(uintptr_t)r->weights;
-        if (reduce_run(r, dst, weights ? weights + row : NULL, src, (int64_t)rb, n) != 0) {
+        if (reduce_run(x, r, dst, weights ? weights + row : NULL, src, (int64_t)rb, n) != 0) {
           pe_err(err, "%s: rows %lld.. from rank %d add more to a sum than were announced", x->op, (long long)row,
                  pr);
           return fail(e, PE_ERR_PROTOCOL, pr);
@@ -670,7 +688,7 @@ static int scatter_bytes(pe_engine_t *e, int pr, in_msg_t *m, uint64_t a, uint64
       memcpy(m->partial + off, src, take);
       bytes = off + take == rb ? m->partial : NULL;
     }
-    if (bytes != NULL && apply_row(r, row, bytes) != 0) {
+    if (bytes != NULL && apply_row(x, r, row, bytes) != 0) {
       pe_err(err, "%s: row %lld from rank %d names destinations outside what its header announced", x->op,
              (long long)row, pr);
       return fail(e, PE_ERR_PROTOCOL, pr);
@@ -787,19 +805,106 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
   return 1;
 }
 
+// Whether this rank's rows to itself can be held back until a peer's row for the same sum
+// arrives (a final sum, so the accumulator is then never written for a row of two copies): rows
+// that reduce into final sums and that are already the wire rows in the source tensors.
+static int holdable(const pe_exchange_t *x, int i) {
+  const pe_recv_t *r = &x->recvs[i];
+  if (!r->final || !r->index || r->fanout || !r->touched) return 0;
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)x->sends[i].segments;
+  for (int s = 0; s < x->sends[i].nsegments; ++s) {
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
+    if (segs[s].group_end || (segs[s].nrows > 0 && pe_source_row(fields, segs[s].nfields, segs[s].index ?
+        ((const int64_t *)(uintptr_t)segs[s].index)[0] : segs[s].first, x->row_bytes) == NULL))
+      return 0;
+  }
+  return 1;
+}
+
+static void drop_held(pe_exchange_t *x) {
+  free(x->held);
+  free(x->held_weight);
+  x->held = NULL;
+  x->held_weight = NULL;
+  x->held_rows = 0;
+}
+
+// Hold this rank's rows to itself back (see `holdable`); 0, or -1 (not held: out of memory, or
+// two rows into one sum).
+static int hold_local(pe_exchange_t *x, int i) {
+  const pe_recv_t *r = &x->recvs[i];
+  const int64_t *index = (const int64_t *)(uintptr_t)r->index;
+  const float *weights = (const float *)(uintptr_t)r->weights;
+  const int64_t rows = x->rows[i];
+  int64_t top = -1;
+  for (int64_t k = 0; k < rows; ++k) top = index[k] > top ? index[k] : top;
+  x->held_rows = top + 1;
+  x->held = calloc((size_t)(top + 1 > 0 ? top + 1 : 1), sizeof *x->held);
+  x->held_weight = malloc((size_t)(top + 1 > 0 ? top + 1 : 1) * sizeof *x->held_weight);
+  if (x->held == NULL || x->held_weight == NULL) {
+    drop_held(x);
+    return -1;
+  }
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)x->sends[i].segments;
+  int64_t out = 0;
+  for (int s = 0; s < x->sends[i].nsegments; ++s) {
+    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
+    const int64_t *src_index = (const int64_t *)(uintptr_t)segs[s].index;
+    for (int64_t k = 0; k < segs[s].nrows; ++k, ++out) {
+      const int64_t dst = index[out];
+      const uint8_t *row = pe_source_row(fields, segs[s].nfields, src_index ? src_index[k] : segs[s].first + k,
+                                         x->row_bytes);
+      if (row == NULL || dst < 0 || x->held[dst] != NULL) {
+        drop_held(x);
+        return -1;
+      }
+      x->held[dst] = row;
+      x->held_weight[dst] = weights ? weights[out] : 1.0f;
+    }
+  }
+  x->local_held = 1;
+  return 0;
+}
+
+// The rows still held back once every peer's rows are in: each a sum of its own.
+static int apply_held(pe_exchange_t *x, int i) {
+  const pe_recv_t *r = &x->recvs[i];
+  for (int64_t dst = 0; dst < x->held_rows; ++dst)
+    if (x->held[dst] != NULL && reduce_run(x, r, dst, NULL, NULL, 0, 0) != 0) return -1;
+  x->local_held = 0;
+  return 0;
+}
+
 // This rank's rows to itself: straight from the source tensors to the destination ones, row by
 // row, through a one-row bounce buffer (it stays in the cache) unless the source row already is
-// the wire row.
+// the wire row. Rows into final sums are held back instead, when they can be (`holdable`), and
+// summed with the first peer row for the same sum: one pass over the output, none over a float32
+// accumulator, for a sum of two copies.
 static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
   int i = 0;
   while (x->peers[i] != e->rank) ++i;
   if (x->from_done[i] || x->recvs == NULL) return 0;
   const pe_recv_t *r = &x->recvs[i];
   const int64_t rows = x->rows[i];
+  if (x->local_held) {  // held back: done once every peer's rows are in
+    if (x->pending_from > 1) return 0;
+    if (apply_held(x, i) != 0) {
+      pe_err(err, "%s: rank %d adds more rows to its own sums than were announced", x->op, e->rank);
+      return fail(e, PE_ERR_USAGE, -1);
+    }
+    pe_stream_fence();
+    x->from_done[i] = 1;
+    x->pending_from--;
+    return 1;
+  }
   if (r->expect_rows >= 0 && r->expect_rows != rows) {
     pe_err(err, "%s: rank %d sends %lld row(s) to itself, expected %lld", x->op, e->rank, (long long)rows,
            (long long)r->expect_rows);
     return fail(e, PE_ERR_USAGE, -1);
+  }
+  if (rows > 0 && x->pending_from > 1 && holdable(x, i) && hold_local(x, i) == 0) {
+    e->stats.bytes_local += (uint64_t)(rows * x->row_bytes);
+    return 1;
   }
   uint8_t *row = x->row_bytes ? bounce(e, (uint64_t)x->row_bytes) : NULL;
   if (x->row_bytes && row == NULL) {
@@ -821,7 +926,7 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
         gather_segment_row(seg, k, row);
         src = row;
       }
-      if (apply_row(r, out, src) != 0) {
+      if (apply_row(x, r, out, src) != 0) {
         pe_err(err, "%s: a row rank %d sends to itself names destinations outside its counts", x->op, e->rank);
         return fail(e, PE_ERR_USAGE, -1);
       }

@@ -243,7 +243,7 @@ void pe_scatter_row(const pe_field_t *fields, int nfields, int64_t index, float 
       else
         memcpy(dst, src, (size_t)width);
     } else if (f->kind == PE_REDUCE) {  // a run of one row
-      pe_reduce_rows(f, 1, index, &weight, store, src, width, 1, NULL);
+      pe_reduce_rows(f, 1, index, &weight, store, src, width, 1, NULL, 0.0f, NULL);
     }
     src += width;
   }
@@ -268,19 +268,19 @@ static void put_final(uint8_t *restrict out, int out_type, int64_t c, const floa
 }
 
 // A run's sums, block by block: (store ? 0 : acc) + sum over rows r of w[r] * row r (rows `stride`
-// bytes apart, elements of TYPE read by LOAD), in row order; summed in the accumulator's block
-// itself (it stays in L1), or, for a final row, in a buffer then cast into `out`. Per wire type,
-// so that each loop vectorizes.
+// bytes apart, elements of TYPE read by LOAD), in row order, after `lead` (weight `wl`) if given;
+// summed in the accumulator's block itself (it stays in L1), or, for a final row, in a buffer then
+// cast into `out`. Per wire type, so that each loop vectorizes.
 #define PE_REDUCE_RUN(name, TYPE, LOAD)                                                                        \
   PE_WIDE static void name(float *restrict acc, const uint8_t *restrict src, int64_t stride,                   \
-                           const float *restrict w, int64_t nrows, int store, int64_t n, uint8_t *restrict out, \
-                           int out_type) {                                                                     \
+                           const float *restrict w, int64_t nrows, const uint8_t *restrict lead, float wl,     \
+                           int store, int64_t n, uint8_t *restrict out, int out_type) {                        \
     float buffer[RUN_BLOCK];                                                                                   \
     for (int64_t c = 0; c < n; c += RUN_BLOCK) {                                                               \
       const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;                                                 \
       float *sum = out != NULL ? buffer : acc + c;                                                             \
-      const TYPE *first = (const TYPE *)src + c;                                                               \
-      const float w0 = w ? w[0] : 1.0f;                                                                        \
+      const TYPE *first = lead != NULL ? (const TYPE *)lead + c : (const TYPE *)src + c;                       \
+      const float w0 = lead != NULL ? wl : w ? w[0] : 1.0f;                                                    \
       if (store) {                                                                                             \
         for (int64_t i = 0; i < m; ++i) sum[i] = w0 * LOAD(first[i]);                                          \
       } else if (out == NULL) { /* sum is the accumulator's block */                                           \
@@ -288,7 +288,7 @@ static void put_final(uint8_t *restrict out, int out_type, int64_t c, const floa
       } else {                                                                                                 \
         for (int64_t i = 0; i < m; ++i) sum[i] = acc[c + i] + w0 * LOAD(first[i]);                             \
       }                                                                                                        \
-      for (int64_t r = 1; r < nrows; ++r) {                                                                    \
+      for (int64_t r = lead != NULL ? 0 : 1; r < nrows; ++r) {                                                 \
         const TYPE *row = (const TYPE *)(src + r * stride) + c;                                                \
         const float wr = w ? w[r] : 1.0f;                                                                      \
         for (int64_t i = 0; i < m; ++i) sum[i] += wr * LOAD(row[i]);                                           \
@@ -303,7 +303,8 @@ PE_REDUCE_RUN(reduce_run_f16, uint16_t, f16_to_f32)
 PE_REDUCE_RUN(reduce_run_f32, float, f32_identity)
 
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
-                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const pe_field_t *final) {
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const uint8_t *lead, float lead_weight,
+                    const pe_field_t *final) {
   int64_t offset = 0;
   for (int i = 0; i < nfields; ++i) {
     const pe_field_t *f = &fields[i];
@@ -311,12 +312,16 @@ void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const 
       float *acc = (float *)row_at(f, index);
       uint8_t *out = final != NULL ? row_at(&final[i], index) : NULL;
       const int out_type = final != NULL ? final[i].mem_type : PE_F32;
+      const uint8_t *lead_field = lead != NULL ? lead + offset : NULL;
       if (f->wire_type == PE_BF16)
-        reduce_run_bf16(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
+        reduce_run_bf16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
+                        out_type);
       else if (f->wire_type == PE_F16)
-        reduce_run_f16(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
+        reduce_run_f16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
+                       out_type);
       else
-        reduce_run_f32(acc, src + offset, row_bytes, weights, nrows, store, f->count, out, out_type);
+        reduce_run_f32(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
+                       out_type);
     }
     offset += (int64_t)f->count * pe_type_size(f->wire_type);
   }

@@ -33,10 +33,12 @@ int pe_fields_reduce_only(const pe_field_t *fields, int nfields);
 // into destination row `index`: (store ? 0 : accumulator) + each row times its weight, in row
 // order (the same sums as adding the rows one by one), with the accumulator read and written once:
 // the rows are summed block by block while the block stays in L1.
-// With `final` (one field per field, as pe_final_t's), the sum is written, cast, to row `index`
-// of those instead of the accumulator.
+// With `lead` (a wire row, weight `lead_weight`), that row is summed first, before the `nrows`
+// (which may then be 0). With `final` (one field per field, as pe_final_t's), the sum is written,
+// cast, to row `index` of those instead of the accumulator.
 void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const float *weights, int store,
-                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const pe_field_t *final);
+                    const uint8_t *src, int64_t row_bytes, int64_t nrows, const uint8_t *lead, float lead_weight,
+                    const pe_field_t *final);
 
 // Orders the non-temporal stores of earlier scatters (large copies bypass the cache) before
 // what follows: call it before anything that tells a reader the rows are there.
