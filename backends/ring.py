@@ -403,10 +403,16 @@ class RingBackend(CommBackend):
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _release, self.engine, self.proxy, self.endpoint, windows,
                                                self.ring)
+        layout = [chunk, slots, arena]
         mine = {"window": self.window.name, "proxy": self.proxy.address().hex() if self.proxy else "",
-                "key": key.hex()}
+                "key": key.hex(), "layout": layout}
         infos = [json.loads(blob) for blob in client.allgather(f"{self.prefix}/endpoints", json.dumps(mine).encode(),
                                                                timeout_s)]
+        others = {peer: info["layout"] for peer, info in enumerate(infos) if info["layout"] != layout}
+        if others:  # the windows would not match: refused before any rank writes into another's
+            theirs = "; ".join(f"rank {peer}: {value}" for peer, value in others.items())
+            raise ValueError(f"Buffer: ranks disagree on the streams' layout ({CHUNK_ENV}, {SLOTS_ENV}, {ARENA_ENV}): "
+                             f"rank {rank} has {layout}, {theirs}; set them the same on every rank")
         try:
             for peer in range(world):
                 if peer == rank:

@@ -87,6 +87,27 @@ def mismatched_call(rank: int, world_size: int, *, param: str) -> str:
     return ""
 
 
+def mismatched_layout(rank: int, world_size: int, *, variable: str, value: str) -> str:
+    """Rank 1 creates a Buffer with ``variable=value`` in its environment: every rank refuses the
+    Buffer with an error naming the ranks and the variables, before any data moves."""
+    import portep
+
+    set_topology(world_size, 2, "ring")
+    saved = os.environ.get(variable)
+    if rank == 1:
+        os.environ[variable] = value
+    try:
+        portep.Buffer(dist.group.WORLD, 0, 1 << 20)
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
+    return ""
+
+
 def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: float) -> dict[str, Any]:
     """The fabric between nodes drops messages: each LL round either matches the local expectation
     or fails within the deadline naming the operation — never a wrong result."""

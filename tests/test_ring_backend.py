@@ -98,6 +98,15 @@ def test_killed_ranks_leave_no_segment_and_no_process() -> None:
             child.stdout.close()
 
 
+@pytest.mark.parametrize(("variable", "value"), [("PORTEP_ARENA_BYTES", "1048576"), ("PORTEP_CHUNK_SLOTS", "4")])
+def test_ranks_that_disagree_on_the_stream_layout_are_named(pool4: RankPool, variable: str, value: str) -> None:
+    errors = pool4.run(tasks_ring.mismatched_layout, variable=variable, value=value)
+    for rank, error in enumerate(errors):
+        assert "disagree" in error and variable in error, f"rank {rank}: {error!r}"
+        named = "rank 1" if rank != 1 else "rank 0"
+        assert named in error, f"rank {rank} does not name the other side: {error!r}"
+
+
 def test_dropped_messages_time_out_naming_the_operation(pool4: RankPool) -> None:
     results = pool4.run(tasks_ring.dropped_messages, drop=0.5, timeout_s=3.0)
     assert any(r["error"] for r in results), f"nothing was lost at a 50% drop rate: {results}"
