@@ -636,7 +636,9 @@ class RingBackend(CommBackend):
         need no cast afterwards."""
         layout = RowLayout([WireColumn(t.dtype, t.size(1)) for t in columns])
         keep = [*columns, *acc, *(final or [])]
-        acc_fields = cached_fields(layout, acc, native.REDUCE)
+        acc_fields = cached_fields(layout, acc, native.REDUCE).copy()
+        if self.topology.num_nodes > 1:  # a sum's next copy comes from the network hop, later: not read first
+            acc_fields["flags"] |= native.FIELD_STREAM
         send = cached_fields(layout, columns, native.GATHER)
         final_fields = None if final is None else cached_fields(layout, final, native.SCATTER)
         self._ht_wait(op, "node", self.guarded(op, lambda: route.combine_node(op, send, acc_fields, touched,

@@ -495,7 +495,7 @@ assert (FIELD_DTYPE.itemsize, SEGMENT_DTYPE.itemsize, SEND_DTYPE.itemsize, RECV_
 # enum pe_type / pe_kind
 U8, I32, I64, BF16, F16, F32 = range(6)
 GATHER, ROW_INDEX, SCATTER, REDUCE, SKIP = range(5)
-FIELD_STREAM = 1  # pe_field_flag: scatter into a caller's output with non-temporal stores
+FIELD_STREAM = 1  # pe_field_flag: non-temporal stores (a scatter into a caller's output, a first sum)
 DROP_DEAD = 1
 
 

@@ -48,6 +48,8 @@ enum pe_field_flag {
   // PE_SCATTER into an output the caller reads later, not the engine now (recv_x, an LL expert
   // block): rows of 2 KiB and more are written with non-temporal stores, which do not read the
   // destination into the cache first (about a third less memory traffic per copied byte).
+  // PE_REDUCE into accumulators whose next copy comes in a later message (an HT combine's node
+  // hop, before the network's partial sums): a row's first sum is written that way.
   PE_FIELD_STREAM = 1,
 };
 

@@ -269,16 +269,17 @@ static void put_final(uint8_t *restrict out, int out_type, int64_t c, const floa
 
 // A run's sums, block by block: (store ? 0 : acc) + sum over rows r of w[r] * row r (rows `stride`
 // bytes apart, elements of TYPE read by LOAD), in row order, after `lead` (weight `wl`) if given;
-// summed in the accumulator's block itself (it stays in L1), or, for a final row, in a buffer then
-// cast into `out`. Per wire type, so that each loop vectorizes.
+// summed in the accumulator's block itself (it stays in L1), or in a buffer: then cast into `out`
+// for a final row, or, for a row's first sum with `stream`, streamed into the accumulator (its lines
+// are not read first). Per wire type, so that each loop vectorizes.
 #define PE_REDUCE_RUN(name, TYPE, LOAD)                                                                        \
   PE_WIDE static void name(float *restrict acc, const uint8_t *restrict src, int64_t stride,                   \
                            const float *restrict w, int64_t nrows, const uint8_t *restrict lead, float wl,     \
-                           int store, int64_t n, uint8_t *restrict out, int out_type) {                        \
+                           int store, int stream, int64_t n, uint8_t *restrict out, int out_type) {            \
     float buffer[RUN_BLOCK];                                                                                   \
     for (int64_t c = 0; c < n; c += RUN_BLOCK) {                                                               \
       const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;                                                 \
-      float *sum = out != NULL ? buffer : acc + c;                                                             \
+      float *sum = out != NULL || (store && stream) ? buffer : acc + c;                                        \
       const TYPE *first = lead != NULL ? (const TYPE *)lead + c : (const TYPE *)src + c;                       \
       const float w0 = lead != NULL ? wl : w ? w[0] : 1.0f;                                                    \
       if (store) {                                                                                             \
@@ -293,7 +294,10 @@ static void put_final(uint8_t *restrict out, int out_type, int64_t c, const floa
         const float wr = w ? w[r] : 1.0f;                                                                      \
         for (int64_t i = 0; i < m; ++i) sum[i] += wr * LOAD(row[i]);                                           \
       }                                                                                                        \
-      if (out != NULL) put_final(out, out_type, c, sum, m);                                                    \
+      if (out != NULL)                                                                                         \
+        put_final(out, out_type, c, sum, m);                                                                   \
+      else if (sum == buffer)                                                                                  \
+        stream_copy((uint8_t *)(acc + c), (const uint8_t *)buffer, (size_t)m * sizeof(float));                 \
     }                                                                                                          \
   }
 
@@ -313,15 +317,16 @@ void pe_reduce_rows(const pe_field_t *fields, int nfields, int64_t index, const 
       uint8_t *out = final != NULL ? row_at(&final[i], index) : NULL;
       const int out_type = final != NULL ? final[i].mem_type : PE_F32;
       const uint8_t *lead_field = lead != NULL ? lead + offset : NULL;
+      const int stream = (f->flags & PE_FIELD_STREAM) != 0;
       if (f->wire_type == PE_BF16)
-        reduce_run_bf16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
-                        out_type);
+        reduce_run_bf16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, stream,
+                        f->count, out, out_type);
       else if (f->wire_type == PE_F16)
-        reduce_run_f16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
-                       out_type);
+        reduce_run_f16(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, stream,
+                       f->count, out, out_type);
       else
-        reduce_run_f32(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, f->count, out,
-                       out_type);
+        reduce_run_f32(acc, src + offset, row_bytes, weights, nrows, lead_field, lead_weight, store, stream,
+                       f->count, out, out_type);
     }
     offset += (int64_t)f->count * pe_type_size(f->wire_type);
   }
