@@ -47,6 +47,7 @@ ARENA_ENV = "PORTEP_ARENA_BYTES"
 # Per source rank: where an HT dispatch's network-hop rows land and stay until forwarded (sparse
 # shared memory, resident only where written). A larger message goes through the slots instead.
 DEFAULT_ARENA_BYTES = 64 << 20
+MAX_ARENA_BYTES = 1 << 36  # the engine's bound
 EXPERT_SUMS_ENV = "PORTEP_LL_EXPERT_SUMS"  # 0: an LL combine returns one row per selection
 RING_CAPACITY = 4096
 WAIT_SLICE_S = 0.05  # how long one engine wait runs before the liveness checks look again
@@ -74,6 +75,8 @@ def stream_layout_from_env() -> tuple[int, int]:
 def arena_bytes_from_env() -> int:
     """Bytes of the arena each source rank's network-hop rows land in: ``PORTEP_ARENA_BYTES`` (0: none)."""
     arena = int(number_from_env(ARENA_ENV, DEFAULT_ARENA_BYTES, kind=int, minimum=0, unit="bytes"))
+    if arena > MAX_ARENA_BYTES:
+        raise ValueError(f"{ARENA_ENV}={arena}: at most {MAX_ARENA_BYTES} bytes per node")
     return -(-arena // 64) * 64
 
 
@@ -381,12 +384,13 @@ class RingBackend(CommBackend):
         # wire type) unless PORTEP_LL_EXPERT_SUMS=0; every rank must use the same setting.
         self.ll_expert_sums = number_from_env(EXPERT_SUMS_ENV, 1, kind=int, unit="(0 or 1)") != 0
         arena = arena_bytes_from_env() if topology.num_nodes > 1 else 0  # only the network hop lands there
-        num_signals, data_bytes = native.Engine.window_size(world, slots, chunk, arena)
+        per_node = topology.ranks_per_node
+        num_signals, data_bytes = native.Engine.window_size(world, slots, chunk, arena, per_node)
         self.window = native.Window.create(num_signals, data_bytes)
         self.ring = native.Ring.create(RING_CAPACITY)
         self.ring.unlink()  # private to this process: the proxy is a thread of it
         windows = [self.window]  # this rank's, then the same-node peers' it maps
-        self.engine = native.Engine(rank, world, slots, chunk, self.window, arena)
+        self.engine = native.Engine(rank, world, slots, chunk, self.window, arena, per_node)
         self.proxy: native.Proxy | None = None
         self.endpoint = -1
         self._finalizer = weakref.finalize(self, _release, self.engine, None, -1, windows, self.ring)

@@ -98,8 +98,8 @@ def lib() -> ctypes.CDLL:
     _declare(so, "pe_proxy_destroy", None, c_void_p, c_double)
     # engine
     _declare(so, "pe_engine_num_signals", c_uint32, c_int)
-    _declare(so, "pe_engine_data_bytes", c_uint64, c_int, c_int, c_uint64, c_uint64)
-    _declare(so, "pe_engine_create", c_void_p, c_int, c_int, c_int, c_uint64, c_uint64, c_void_p, c_char_p)
+    _declare(so, "pe_engine_data_bytes", c_uint64, c_int, c_int, c_uint64, c_uint64, c_int)
+    _declare(so, "pe_engine_create", c_void_p, c_int, c_int, c_int, c_uint64, c_uint64, c_int, c_void_p, c_char_p)
     _declare(so, "pe_engine_set_direct", c_int, c_void_p, c_int, c_void_p, c_char_p)
     _declare(so, "pe_engine_set_proxied", c_int, c_void_p, c_int, c_void_p, c_int, c_void_p, c_char_p)
     _declare(so, "pe_exchange_start", c_void_p, c_void_p, c_char_p, c_int, i32p, c_void_p, c_int64, c_int32,
@@ -566,21 +566,23 @@ class Engine:
     """A rank's streams for one Buffer (``pe_engine_t``)."""
 
     def __init__(self, rank: int, world: int, slots: int, chunk_bytes: int, window: Window,
-                 arena_bytes: int = 0) -> None:
+                 arena_bytes: int = 0, ranks_per_node: int = 1) -> None:
         err = _err()
         self.rank, self.world, self.window = rank, world, window
-        self._e = lib().pe_engine_create(rank, world, slots, chunk_bytes, arena_bytes, window.ptr, err)
+        self._e = lib().pe_engine_create(rank, world, slots, chunk_bytes, arena_bytes, ranks_per_node, window.ptr, err)
         if not self._e:
             raise EngineError(_text(err))
         self._peers: dict[int, Any] = {}  # what the engine points to, kept alive
         self._lock = threading.Lock()  # stats are read from other threads (heartbeats): not during destroy
 
     @staticmethod
-    def window_size(world: int, slots: int, chunk_bytes: int, arena_bytes: int = 0) -> tuple[int, int]:
+    def window_size(world: int, slots: int, chunk_bytes: int, arena_bytes: int = 0,
+                    ranks_per_node: int = 1) -> tuple[int, int]:
         """(signals, data bytes) of the window an engine of this layout needs (``arena_bytes``: where
-        each source's network-hop rows land, see ``PE_ARENA``)."""
+        the network-hop rows from each other node land, see ``PE_ARENA``)."""
         so = lib()
-        return so.pe_engine_num_signals(world), so.pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes)
+        return so.pe_engine_num_signals(world), so.pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes,
+                                                                         ranks_per_node)
 
     @property
     def ptr(self) -> int:

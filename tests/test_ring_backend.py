@@ -98,6 +98,16 @@ def test_killed_ranks_leave_no_segment_and_no_process() -> None:
             child.stdout.close()
 
 
+def test_an_arena_past_the_engine_bound_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from portep.backends import ring
+
+    monkeypatch.setenv(ring.ARENA_ENV, str(ring.MAX_ARENA_BYTES + 1))
+    with pytest.raises(ValueError, match=ring.ARENA_ENV):
+        ring.arena_bytes_from_env()
+    monkeypatch.setenv(ring.ARENA_ENV, "1000")
+    assert ring.arena_bytes_from_env() == 1024  # whole cache lines
+
+
 @pytest.mark.parametrize(("variable", "value"), [("PORTEP_ARENA_BYTES", "1048576"), ("PORTEP_CHUNK_SLOTS", "4")])
 def test_ranks_that_disagree_on_the_stream_layout_are_named(pool4: RankPool, variable: str, value: str) -> None:
     errors = pool4.run(tasks_ring.mismatched_layout, variable=variable, value=value)

@@ -8,7 +8,7 @@
 #include "pe_rows.h"
 
 #define HEADER_BYTES 64
-#define HEADER_MAGIC 0x32504550u  // "PEP2"
+#define HEADER_MAGIC 0x33504550u  // "PEP3"
 #define OP_CHARS 36
 #define HEADER_ARENA 1u  // the message's rows land in the receiver's arena, not in its slots
 #define SLEEP_SLICE_US 1000  // the longest a waiting rank sleeps before it looks again
@@ -37,6 +37,7 @@ typedef struct out_msg {
   int64_t segment_start;
   int arena;           // the rows go to the peer's arena (the header alone to its slot)
   uint64_t arena_seq;  // this message's number among the arena messages to the peer
+  int arena_wait;      // its rows wait for the peer to hand its arena back
   struct out_msg *next;
 } out_msg_t;
 
@@ -104,7 +105,8 @@ struct pe_engine {
   int world;
   int slots;
   uint64_t chunk_bytes;
-  uint64_t arena_bytes;  // per source: where the rows of PE_ARENA messages land
+  uint64_t arena_bytes;  // per source node: where the rows of PE_ARENA messages land
+  int arena_group;       // ranks per node: arena messages come from the ranks of this one's local index
   int64_t *pulls_expected;  // [world]: reads out of this rank's arenas each rank is to finish
   pe_window_t *window;
   peer_t *peers;
@@ -119,9 +121,10 @@ struct pe_engine {
 // ------------------------------------------------------------------------------------ layout
 uint32_t pe_engine_num_signals(int world) { return (uint32_t)world * PE_SIGNALS_PER_PEER; }
 
-uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes) {
-  // receive slots, staging slots, then an arena per source
-  return 2ull * (uint64_t)world * (uint64_t)slots * chunk_bytes + (uint64_t)world * arena_bytes;
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes, int arena_group) {
+  // receive slots, staging slots, then an arena per node (for its rank of this one's local index)
+  const uint64_t nodes = arena_group > 0 ? (uint64_t)(world / arena_group) : 0;
+  return 2ull * (uint64_t)world * (uint64_t)slots * chunk_bytes + nodes * arena_bytes;
 }
 
 static inline uint32_t landed_signal(int source, int slot) { return (uint32_t)(source * PE_SIGNALS_PER_PEER + slot); }
@@ -140,7 +143,14 @@ static inline uint64_t stage_offset(const pe_engine_t *e, int dest, uint64_t chu
 }
 
 static inline uint64_t arena_offset(const pe_engine_t *e, int source) {
-  return 2ull * (uint64_t)e->world * (uint64_t)e->slots * e->chunk_bytes + (uint64_t)source * e->arena_bytes;
+  return 2ull * (uint64_t)e->world * (uint64_t)e->slots * e->chunk_bytes +
+         (uint64_t)(source / e->arena_group) * e->arena_bytes;
+}
+
+// Whether `source`'s messages to `dest` may land in an arena: one rank per node has one there,
+// the rank of dest's local index on another node.
+static inline int arena_pair(const pe_engine_t *e, int source, int dest) {
+  return e->arena_bytes > 0 && source != dest && source % e->arena_group == dest % e->arena_group;
 }
 
 static int fail(pe_engine_t *e, int kind, int culprit) {
@@ -151,7 +161,12 @@ static int fail(pe_engine_t *e, int kind, int culprit) {
 
 // -------------------------------------------------------------------------------- engine
 pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes,
-                              pe_window_t *window, char *err) {
+                              int arena_group, pe_window_t *window, char *err) {
+  if (arena_group < 1 || world % arena_group || arena_bytes > PE_MAX_ARENA_BYTES) {
+    pe_err(err, "engine: bad arenas (%llu bytes, %d ranks per node of %d: at most %llu bytes)",
+           (unsigned long long)arena_bytes, arena_group, world, (unsigned long long)PE_MAX_ARENA_BYTES);
+    return NULL;
+  }
   if (world < 1 || rank < 0 || rank >= world || slots < 1 || slots > PE_MAX_SLOTS || chunk_bytes < 4096 ||
       chunk_bytes % 64) {
     pe_err(err, "engine: bad layout (rank %d of %d, %d slots of %llu bytes: at most %d slots, chunks of at least "
@@ -159,7 +174,7 @@ pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_byt
     return NULL;
   }
   if (window->num_signals < pe_engine_num_signals(world) ||
-      window->data_bytes < pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes)) {
+      window->data_bytes < pe_engine_data_bytes(world, slots, chunk_bytes, arena_bytes, arena_group)) {
     pe_err(err, "engine: the window is too small for %d ranks, %d slots of %llu bytes, arenas of %llu bytes", world,
            slots, (unsigned long long)chunk_bytes, (unsigned long long)arena_bytes);
     return NULL;
@@ -179,6 +194,7 @@ pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_byt
   e->slots = slots;
   e->chunk_bytes = chunk_bytes;
   e->arena_bytes = arena_bytes;
+  e->arena_group = arena_group;
   e->window = window;
   e->peers = peers;
   e->pulls_expected = pulls;
@@ -452,7 +468,7 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
     out->index = i;
     const uint64_t rows_bytes = (uint64_t)send_rows(&x->sends[i]) * (uint64_t)row_bytes;
     out->total = x->header_bytes + rows_bytes;
-    out->arena = (flags & PE_ARENA) && rows_bytes > 0 && rows_bytes <= e->arena_bytes;
+    out->arena = (flags & PE_ARENA) && arena_pair(e, e->rank, pr) && rows_bytes > 0 && rows_bytes <= e->arena_bytes;
     if (out->arena) out->arena_seq = p->arena_sent++;
     in->x = x;
     in->index = i;
@@ -543,8 +559,9 @@ static int send_chunk(pe_engine_t *e, int pr) {
     end = x->header_bytes;  // the header alone goes to the slot
   } else if (m->arena) {
     // The rows go to the peer's arena for this rank, once the peer is done with its last contents.
-    if (start == x->header_bytes &&
-        pe_load_acquire_i64(&e->window->signals[arena_signal(pr)]) < (int64_t)m->arena_seq) {
+    m->arena_wait = start == x->header_bytes &&
+                    pe_load_acquire_i64(&e->window->signals[arena_signal(pr)]) < (int64_t)m->arena_seq;
+    if (m->arena_wait) {
       e->stats.credit_stalls++;
       return 0;
     }
@@ -728,7 +745,8 @@ static int check_header(pe_engine_t *e, int pr, in_msg_t *m, const header_t *h, 
     return fail(e, PE_ERR_PROTOCOL, pr);
   }
   const uint64_t rows_bytes = h->nrows * (uint64_t)x->row_bytes;
-  if ((h->flags & HEADER_ARENA) && (!(x->flags & PE_ARENA) || rows_bytes == 0 || rows_bytes > e->arena_bytes)) {
+  if ((h->flags & HEADER_ARENA) && (!(x->flags & PE_ARENA) || !arena_pair(e, pr, e->rank) || rows_bytes == 0 ||
+                                    rows_bytes > e->arena_bytes)) {
     pe_err(err, "%s: rank %d put %llu bytes of rows into an arena of %llu bytes on rank %d: ranks disagree on the "
            "arena size", x->op, pr, (unsigned long long)rows_bytes, (unsigned long long)e->arena_bytes, e->rank);
     return fail(e, PE_ERR_PROTOCOL, pr);
@@ -1125,8 +1143,14 @@ void pe_exchange_describe(pe_exchange_t *x, int32_t *state, char *text, size_t c
     }
     if (n > 0 && (size_t)n < cap - used) used += (size_t)n;
     if (!x->to_done[i] && used + 1 < cap) {
-      n = snprintf(text + used, cap - used, "%srank %d: no credit for chunk %llu", used ? "; " : "", x->peers[i],
-                   (unsigned long long)p->sent_chunks);
+      int arena_wait = 0;
+      for (out_msg_t *m = p->out_head; m != NULL; m = m->next) arena_wait |= m->x == x && m->arena_wait;
+      if (arena_wait)
+        n = snprintf(text + used, cap - used, "%srank %d has not handed its arena back (its node's ranks are still "
+                     "reading it)", used ? "; " : "", x->peers[i]);
+      else
+        n = snprintf(text + used, cap - used, "%srank %d: no credit for chunk %llu", used ? "; " : "", x->peers[i],
+                     (unsigned long long)p->sent_chunks);
       if (n > 0 && (size_t)n < cap - used) used += (size_t)n;
     }
   }
@@ -1183,8 +1207,11 @@ static void release_ready(pe_engine_t *e) {
   }
 }
 
+uint64_t pe_engine_arena_bytes(const pe_engine_t *e) { return e->arena_bytes; }
+
 const uint8_t *pe_engine_peer_arena(const pe_engine_t *e, int holder, int source) {
-  if (e->arena_bytes == 0 || holder < 0 || holder >= e->world || source < 0 || source >= e->world) return NULL;
+  if (holder < 0 || holder >= e->world || source < 0 || source >= e->world || !arena_pair(e, source, holder))
+    return NULL;
   if (holder == e->rank) return e->window->data + arena_offset(e, source);
   const peer_t *p = &e->peers[holder];
   return p->mode == PEER_DIRECT ? p->window->data + arena_offset(e, source) : NULL;

@@ -30,6 +30,7 @@
 
 #define PE_MAX_SLOTS 13  // receive slots per pair (with the credit, arena and pull counters, 16 per peer)
 #define PE_SIGNALS_PER_PEER 16
+#define PE_MAX_ARENA_BYTES (1ull << 36)  // per source node
 
 // element types (in memory and on the wire)
 enum pe_type { PE_U8 = 0, PE_I32 = 1, PE_I64 = 2, PE_BF16 = 3, PE_F16 = 4, PE_F32 = 5 };
@@ -178,11 +179,13 @@ typedef struct pe_engine_stats {
 } pe_engine_stats_t;
 
 // A rank's engine for one Buffer. The window (created by the caller) must have
-// pe_engine_num_signals(world) signals and pe_engine_data_bytes(world, slots, chunk, arena) data bytes.
+// pe_engine_num_signals(world) signals and pe_engine_data_bytes(world, slots, chunk, arena, group)
+// data bytes. Arenas (`arena_bytes`, 0 for none): one per node of `arena_group` ranks, for that
+// node's rank with this rank's local index (the only one whose messages may land there).
 uint32_t pe_engine_num_signals(int world);
-uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes);
+uint64_t pe_engine_data_bytes(int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes, int arena_group);
 pe_engine_t *pe_engine_create(int rank, int world, int slots, uint64_t chunk_bytes, uint64_t arena_bytes,
-                              pe_window_t *window, char *err);
+                              int arena_group, pe_window_t *window, char *err);
 // Peer `peer` is on this node: its window (mapped here) takes direct stores.
 int pe_engine_set_direct(pe_engine_t *e, int peer, pe_window_t *peer_window, char *err);
 // Peer `peer` is reached through `proxy` (endpoint `endpoint`, fed by `ring`).
@@ -222,6 +225,7 @@ void pe_engine_expect_pulls(pe_engine_t *e, const uint8_t *readers);
 // `after_pulls` once every read expected so far is done (checked as the engine makes progress).
 // 0, or -1 (out of memory).
 int pe_engine_release_arena(pe_engine_t *e, int source, int after_pulls);
+uint64_t pe_engine_arena_bytes(const pe_engine_t *e);
 // The arena `holder` (this rank or a peer whose window is mapped here) keeps for `source`, or NULL.
 const uint8_t *pe_engine_peer_arena(const pe_engine_t *e, int holder, int source);
 // Whether `peer`'s window is mapped here (it is this rank or a direct peer).

@@ -485,7 +485,9 @@ int64_t pe_ht_node_rows(pe_ht_t *ht, pe_exchange_t *x, char *err) {
     for (int n = 0; n < nodes; ++n) {
       const int c = j * nodes + n;
       const int pulled = h[nodes + n] != 0;
-      bad |= h[n] < 0 || h[2 * nodes + n] < h[n] * pulled || (pulled && n == ht->node);
+      // the rows to read out of the sender's arena must fit it, whatever its header says
+      bad |= h[n] < 0 || h[2 * nodes + n] < h[n] * pulled || (pulled && n == ht->node) ||
+             (uint64_t)h[2 * nodes + n] * (uint64_t)ht->hop_row_bytes > pe_engine_arena_bytes(ht->e);
       counts[c] = h[n];
       ht->cell_pulled[c] = (uint8_t)pulled;
       ht->cell_arena_rows[c] = h[2 * nodes + n];
