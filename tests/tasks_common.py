@@ -7,14 +7,31 @@ output on this rank to :mod:`portep.reference`.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from tests.rankpool import worker_cache
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set these environment variables inside the block, as they were afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
 
 RANKS_PER_NODE_ENV = "PORTEP_RANKS_PER_NODE"
 BACKEND_ENV = "PORTEP_BACKEND"

@@ -6,7 +6,6 @@ inputs and compares this rank's outputs with :mod:`portep.reference`.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from tests.tasks_common import (
     FaultsProved,
     assert_close,
     assert_equal,
+    environment,
     gather,
     generator,
     ht_buffer,
@@ -168,15 +168,8 @@ def dispatch_combine_arena(rank: int, world_size: int, *, arena_bytes: int, **kw
     """:func:`dispatch_combine` on a fresh Buffer whose network-hop rows land in arenas of
     ``arena_bytes`` (0: none; too small: the slots instead); returns, over the group, how many
     network-hop messages landed in an arena and how many bytes ranks read out of arenas themselves."""
-    saved = os.environ.get(ARENA_ENV)
-    os.environ[ARENA_ENV] = str(arena_bytes)
-    try:
+    with environment(**{ARENA_ENV: str(arena_bytes)}):
         buffer = new_ht_buffer(world_size, kwargs["num_nodes"], kwargs["hidden"], explicitly_destroy=True)
-    finally:
-        if saved is None:
-            os.environ.pop(ARENA_ENV, None)
-        else:
-            os.environ[ARENA_ENV] = saved
     try:
         _dispatch_combine(buffer, rank, world_size, kwargs["seed"], kwargs["num_nodes"], kwargs["num_tokens"],
                           kwargs["hidden"], kwargs["num_experts"], kwargs["topk"], 1, False, False)

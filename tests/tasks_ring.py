@@ -12,7 +12,16 @@ import torch.distributed as dist
 
 from portep.errors import CommTimeoutError, PeerFailureError, PortepError, TransportError
 from tests import tasks_ht, tasks_ll
-from tests.tasks_common import generator, ht_buffer, ll_buffer, make_routing, make_x, new_ll_buffer, set_topology
+from tests.tasks_common import (
+    environment,
+    generator,
+    ht_buffer,
+    ll_buffer,
+    make_routing,
+    make_x,
+    new_ll_buffer,
+    set_topology,
+)
 
 
 def proxy_stats(rank: int, world_size: int, *, num_nodes: int) -> dict[str, int]:
@@ -93,18 +102,11 @@ def mismatched_layout(rank: int, world_size: int, *, variable: str, value: str) 
     import portep
 
     set_topology(world_size, 2, "ring")
-    saved = os.environ.get(variable)
-    if rank == 1:
-        os.environ[variable] = value
-    try:
-        portep.Buffer(dist.group.WORLD, 0, 1 << 20)
-    except ValueError as exc:
-        return str(exc)
-    finally:
-        if saved is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = saved
+    with environment(**({variable: value} if rank == 1 else {})):
+        try:
+            portep.Buffer(dist.group.WORLD, 0, 1 << 20)
+        except ValueError as exc:
+            return str(exc)
     return ""
 
 
@@ -115,18 +117,10 @@ def dropped_messages(rank: int, world_size: int, *, drop: float, timeout_s: floa
     from portep.reference import calc_diff
 
     set_topology(world_size, 2, "ring")
-    saved = {k: os.environ.get(k) for k in ("PORTEP_TRANSPORT", "PORTEP_FAULTS", "PORTEP_TIMEOUT_S")}
-    os.environ.update(PORTEP_TRANSPORT="fabric", PORTEP_FAULTS=f"drop={drop},seed={rank + 1}",
-                      PORTEP_TIMEOUT_S=str(timeout_s))
-    try:
+    with environment(PORTEP_TRANSPORT="fabric", PORTEP_FAULTS=f"drop={drop},seed={rank + 1}",
+                     PORTEP_TIMEOUT_S=str(timeout_s)):
         size = portep.Buffer.get_low_latency_rdma_size_hint(8, 128, world_size, 2 * world_size)
         buffer = portep.Buffer(dist.group.WORLD, 0, size, low_latency_mode=True)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     start = time.monotonic()
     gen = generator(71, rank)
