@@ -44,8 +44,9 @@ SLOTS_ENV = "PORTEP_CHUNK_SLOTS"
 DEFAULT_CHUNK_BYTES = 256 << 10
 DEFAULT_SLOTS = 8
 ARENA_ENV = "PORTEP_ARENA_BYTES"
-# Per source rank: where an HT dispatch's network-hop rows land and stay until forwarded (sparse
-# shared memory, resident only where written). A larger message goes through the slots instead.
+# Per other node: where an HT dispatch's network-hop rows from it land, for this node's ranks to copy
+# theirs out (sparse shared memory, resident only where written). A larger message goes through the
+# slots instead.
 DEFAULT_ARENA_BYTES = 64 << 20
 MAX_ARENA_BYTES = 1 << 36  # the engine's bound
 EXPERT_SUMS_ENV = "PORTEP_LL_EXPERT_SUMS"  # 0: an LL combine returns one row per selection
@@ -73,7 +74,7 @@ def stream_layout_from_env() -> tuple[int, int]:
 
 
 def arena_bytes_from_env() -> int:
-    """Bytes of the arena each source rank's network-hop rows land in: ``PORTEP_ARENA_BYTES`` (0: none)."""
+    """Bytes of the arena each other node's network-hop rows land in: ``PORTEP_ARENA_BYTES`` (0: none)."""
     arena = int(number_from_env(ARENA_ENV, DEFAULT_ARENA_BYTES, kind=int, minimum=0, unit="bytes"))
     if arena > MAX_ARENA_BYTES:
         raise ValueError(f"{ARENA_ENV}={arena}: at most {MAX_ARENA_BYTES} bytes per node")

@@ -484,6 +484,19 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
 }
 
 // ------------------------------------------------------------------------------ sending
+// The source row of row k of a segment that does not sum rows.
+static inline int64_t segment_source(const pe_segment_t *seg, int64_t k) {
+  const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
+  return index ? index[k] : seg->first + k;
+}
+
+// Row k of a segment where it sits in its source tensor, if that already is the wire row; else NULL.
+static const uint8_t *segment_wire_row(const pe_segment_t *seg, int64_t k, int64_t row_bytes) {
+  return seg->group_end ? NULL
+                        : pe_source_row((const pe_field_t *)(uintptr_t)seg->fields, seg->nfields,
+                                        segment_source(seg, k), row_bytes);
+}
+
 // Row i of a segment as wire bytes at `dst`: a source row, or a weighted sum of them.
 static void gather_segment_row(const pe_segment_t *seg, int64_t i, uint8_t *dst) {
   const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
@@ -494,7 +507,7 @@ static void gather_segment_row(const pe_segment_t *seg, int64_t i, uint8_t *dst)
     pe_gather_sum(fields, seg->nfields, index + from, (const float *)(uintptr_t)seg->weights + from, end[i] - from,
                   dst);
   } else {
-    pe_gather_row(fields, seg->nfields, index ? index[i] : seg->first + i, dst);
+    pe_gather_row(fields, seg->nfields, segment_source(seg, i), dst);
   }
 }
 
@@ -825,17 +838,14 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
 
 // Whether this rank's rows to itself can be held back until a peer's row for the same sum
 // arrives (a final sum, so the accumulator is then never written for a row of two copies): rows
-// that reduce into final sums and that are already the wire rows in the source tensors.
+// that reduce into final sums and that already are the wire rows in their source tensors (checked
+// on each segment's first row here, on every row by hold_local).
 static int holdable(const pe_exchange_t *x, int i) {
   const pe_recv_t *r = &x->recvs[i];
   if (!r->final || !r->index || r->fanout || !r->touched) return 0;
   const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)x->sends[i].segments;
-  for (int s = 0; s < x->sends[i].nsegments; ++s) {
-    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
-    if (segs[s].group_end || (segs[s].nrows > 0 && pe_source_row(fields, segs[s].nfields, segs[s].index ?
-        ((const int64_t *)(uintptr_t)segs[s].index)[0] : segs[s].first, x->row_bytes) == NULL))
-      return 0;
-  }
+  for (int s = 0; s < x->sends[i].nsegments; ++s)
+    if (segs[s].nrows > 0 && segment_wire_row(&segs[s], 0, x->row_bytes) == NULL) return 0;
   return 1;
 }
 
@@ -847,8 +857,8 @@ static void drop_held(pe_exchange_t *x) {
   x->held_rows = 0;
 }
 
-// Hold this rank's rows to itself back (see `holdable`); 0, or -1 (not held: out of memory, or
-// two rows into one sum).
+// Hold this rank's rows to itself back (see `holdable`); 0, or -1 (not held: out of memory, a row
+// that is not the wire row, or two rows into one sum).
 static int hold_local(pe_exchange_t *x, int i) {
   const pe_recv_t *r = &x->recvs[i];
   const int64_t *index = (const int64_t *)(uintptr_t)r->index;
@@ -866,12 +876,9 @@ static int hold_local(pe_exchange_t *x, int i) {
   const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)x->sends[i].segments;
   int64_t out = 0;
   for (int s = 0; s < x->sends[i].nsegments; ++s) {
-    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)segs[s].fields;
-    const int64_t *src_index = (const int64_t *)(uintptr_t)segs[s].index;
     for (int64_t k = 0; k < segs[s].nrows; ++k, ++out) {
       const int64_t dst = index[out];
-      const uint8_t *row = pe_source_row(fields, segs[s].nfields, src_index ? src_index[k] : segs[s].first + k,
-                                         x->row_bytes);
+      const uint8_t *row = segment_wire_row(&segs[s], k, x->row_bytes);
       if (row == NULL || dst < 0 || x->held[dst] != NULL) {
         drop_held(x);
         return -1;
@@ -934,12 +941,8 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
   int64_t out = 0;
   for (int s = 0; x->row_bytes && s < send->nsegments; ++s) {
     const pe_segment_t *seg = &segs[s];
-    const pe_field_t *fields = (const pe_field_t *)(uintptr_t)seg->fields;
-    const int64_t *index = (const int64_t *)(uintptr_t)seg->index;
     for (int64_t k = 0; k < seg->nrows; ++k, ++out) {
-      // no copy when the source row already is the wire row
-      const uint8_t *src =
-          seg->group_end ? NULL : pe_source_row(fields, seg->nfields, index ? index[k] : seg->first + k, x->row_bytes);
+      const uint8_t *src = segment_wire_row(seg, k, x->row_bytes);  // no copy when it already is the wire row
       if (src == NULL) {
         gather_segment_row(seg, k, row);
         src = row;
@@ -957,14 +960,18 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
   return 1;
 }
 
+// Raise counter `signal` of proxied peer `pr`'s window by `value`, through the proxy.
+static void push_signal(pe_engine_t *e, int pr, uint32_t signal, int64_t value) {
+  portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_SIGNAL,
+                           .signal_slot = (uint16_t)signal, .dst_rank = (uint32_t)pr, .signal_value = (int32_t)value};
+  push_descriptor(e, &e->peers[pr], &d);
+}
+
 static void flush_credits(pe_engine_t *e) {
   for (int pr = 0; pr < e->world; ++pr) {
     peer_t *p = &e->peers[pr];
     if (p->credit_owed == 0) continue;
-    portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_SIGNAL,
-                             .signal_slot = (uint16_t)credit_signal(e->rank), .dst_rank = (uint32_t)pr,
-                             .signal_value = (int32_t)p->credit_owed};
-    push_descriptor(e, p, &d);
+    push_signal(e, pr, credit_signal(e->rank), p->credit_owed);
     p->credit_owed = 0;
   }
 }
@@ -1170,10 +1177,7 @@ static void release_arena_now(pe_engine_t *e, int source) {
   if (p->mode == PEER_DIRECT) {
     pe_window_signal(p->window, arena_signal(e->rank), 1);
   } else if (p->mode == PEER_PROXIED && !p->gone) {
-    portep_descriptor_t d = {.version = PORTEP_DESCRIPTOR_VERSION, .opcode = PORTEP_OP_SIGNAL,
-                             .signal_slot = (uint16_t)arena_signal(e->rank), .dst_rank = (uint32_t)source,
-                             .signal_value = 1};
-    push_descriptor(e, p, &d);
+    push_signal(e, source, arena_signal(e->rank), 1);
     pe_proxy_help(p->proxy);
   }
 }
