@@ -196,7 +196,7 @@ _PROXY_STATS = ["steps", "descriptors", "posted", "coalesced", "max_queue_depth"
                 "wakeups", "failed_peers", "helped_steps"]
 _ENGINE_STATS = ["chunks_written", "chunks_read", "messages_sent", "messages_split", "bytes_direct", "bytes_staged",
                  "bytes_local", "descriptors", "credit_stalls", "sleeps", "arena_messages",
-                 "bytes_pulled"]
+                 "bytes_pulled", "sums_at_end"]
 
 
 def _stats_struct(names: Sequence[str]) -> type[ctypes.Structure]:

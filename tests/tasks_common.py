@@ -156,16 +156,19 @@ def new_ht_buffer(world_size: int, num_nodes: int, hidden: int, backend: str | N
 
 def new_ll_buffer(
     world_size: int, num_nodes: int, max_tokens: int, hidden: int, num_experts: int,
-    backend: str | None = None, **kwargs: Any,
+    backend: str | None = None, env: dict[str, str] | None = None, **kwargs: Any,
 ):
-    """A fresh LL Buffer sized with ``get_low_latency_rdma_size_hint`` (collective)."""
+    """A fresh LL Buffer sized with ``get_low_latency_rdma_size_hint`` (collective), created with
+    the variables of ``env`` set (over those of the topology and backend)."""
     import portep
 
     set_topology(world_size, num_nodes, backend)
     rdma = portep.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, world_size, num_experts)
-    return portep.Buffer(
-        dist.group.WORLD, 0, rdma, low_latency_mode=True, num_qps_per_rank=max(num_experts // world_size, 1), **kwargs
-    )
+    with environment(**(env or {})):
+        return portep.Buffer(
+            dist.group.WORLD, 0, rdma, low_latency_mode=True, num_qps_per_rank=max(num_experts // world_size, 1),
+            **kwargs
+        )
 
 
 def cached(key: tuple, factory: Callable[[], Any]) -> Any:

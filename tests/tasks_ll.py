@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import portep
 from portep import reference
+from portep.backends.ring import CHUNK_ENV, SLOTS_ENV
 from tests.tasks_common import (
     FaultsProved,
     assert_close,
@@ -226,6 +227,23 @@ def _dispatch_combine(buffer: Any, rank: int, world_size: int, seed: int, num_to
     event.current_stream_wait()
     case.check_dispatch(recv_x, recv_count, handle, " (async_finish)")
     dist.barrier()
+
+
+def dispatch_combine_streams(rank: int, world_size: int, *, chunk_bytes: int, slots: int, **kwargs: Any) -> int:
+    """:func:`dispatch_combine` on a fresh Buffer with streams of ``slots`` chunks of ``chunk_bytes``
+    per pair; returns, over the group, how many combines summed their copies once all were in
+    (those whose messages fit the slots) rather than copy by copy as they arrived."""
+    buffer = new_ll_buffer(world_size, kwargs["num_nodes"], kwargs["max_tokens"], kwargs["hidden"],
+                           kwargs["num_experts"], env={CHUNK_ENV: str(chunk_bytes), SLOTS_ENV: str(slots)},
+                           explicitly_destroy=True)
+    try:
+        _dispatch_combine(buffer, rank, world_size, kwargs["seed"], kwargs["num_tokens"], kwargs["max_tokens"],
+                          kwargs["hidden"], kwargs["num_experts"], kwargs["topk"], False, False, False, False)
+        total = torch.tensor([buffer.get_stats().get("sums_at_end", 0)], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total[0])
+    finally:
+        buffer.destroy()
 
 
 def double_buffer(rank: int, world_size: int, *, seed: int, num_nodes: int, max_tokens: int, hidden: int,

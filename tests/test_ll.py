@@ -28,6 +28,18 @@ def test_bf16(rank_pools: Callable[[int], RankPool], world_size: int, num_nodes:
                                num_experts=4 * world_size, topk=6, backend=backend)
 
 
+@pytest.mark.parametrize(("chunk_bytes", "slots", "at_end"), [(256 << 10, 8, True), (4096, 13, True), (4096, 2, False)],
+                         ids=["default", "small-chunks", "does-not-fit"])
+def test_combine_sums_at_end(pool4: RankPool, chunk_bytes: int, slots: int, at_end: bool) -> None:
+    """The expert-side sums of a combine are summed on the token side once all have landed, each
+    token in one sweep straight into the output, when every message fits its slots (4 KiB chunks:
+    rows straddle chunks and the end of the slots); larger messages are reduced as they arrive
+    instead (their credits must come back), with the same results."""
+    at_ends = pool4.run(tasks_ll.dispatch_combine_streams, chunk_bytes=chunk_bytes, slots=slots, seed=12,
+                        num_nodes=2, num_tokens=T, max_tokens=T, hidden=320, num_experts=16, topk=6)
+    assert all((n > 0) == at_end for n in at_ends), f"combines summed at the end, over the group: {at_ends}"
+
+
 @pytest.mark.parametrize(
     ("round_scale", "use_ue8m0", "hidden"),
     [(False, False, 256), (True, False, 256), (True, True, 512)],

@@ -114,6 +114,8 @@ struct pe_engine {
   int culprit;
   uint8_t *bounce;  // one row, for rows that straddle chunks (send side) and for self messages
   uint64_t bounce_bytes;
+  uint8_t *own_rows;  // this rank's rows to itself, as wire rows, for sums made at the end
+  uint64_t own_rows_bytes;
   pe_engine_stats_t stats;
   pe_proxy_t *proxy;  // the proxy of the proxied peers (one per process)
 };
@@ -360,6 +362,32 @@ static void mark_dropped(pe_exchange_t *x, int i) {
   if (x->ncounts) memset(&x->counts[(int64_t)i * x->ncounts], 0, (size_t)x->ncounts * 4);
 }
 
+static uint64_t message_chunks(const pe_engine_t *e, uint64_t total) {
+  return (total + e->chunk_bytes - 1) / e->chunk_bytes;
+}
+
+// Whether the exchange's final sums can wait for every peer's rows (PE_SUM_AT_END): see there.
+static int sum_at_end_fits(const pe_exchange_t *x) {
+  const pe_engine_t *e = x->e;
+  if (x->recvs == NULL || (x->flags & PE_ARENA) || x->row_bytes == 0) return 0;
+  const pe_recv_t *r0 = &x->recvs[0];
+  const pe_final_t *fin = (const pe_final_t *)(uintptr_t)r0->final;
+  if (fin == NULL) return 0;
+  const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r0->fields;
+  const pe_field_t *final = (const pe_field_t *)(uintptr_t)fin->fields;
+  for (int k = 0; k < r0->nfields; ++k)
+    if (fields[k].kind == PE_REDUCE && !pe_sum_types(fields[k].wire_type, final[k].mem_type)) return 0;
+  for (int i = 0; i < x->npeers; ++i) {
+    const pe_recv_t *r = &x->recvs[i];
+    if (r->final != r0->final || r->touched != r0->touched || r->nfields != r0->nfields || r->expect_rows < 0 ||
+        memcmp((const void *)(uintptr_t)r->fields, fields, (size_t)r->nfields * sizeof *fields) != 0)
+      return 0;
+    const uint64_t total = x->header_bytes + (uint64_t)r->expect_rows * (uint64_t)x->row_bytes;
+    if (x->peers[i] != e->rank && message_chunks(e, total) > (uint64_t)e->slots) return 0;
+  }
+  return 1;
+}
+
 static void write_header(const pe_exchange_t *x, int i, uint32_t seq, int arena, uint8_t *dst) {
   header_t h = {.magic = HEADER_MAGIC, .seq = seq, .nrows = (uint64_t)send_rows(&x->sends[i]),
                 .row_bytes = (uint32_t)x->row_bytes, .ncounts = x->ncounts, .flags = arena ? HEADER_ARENA : 0};
@@ -421,6 +449,7 @@ pe_exchange_t *pe_exchange_start(pe_engine_t *e, const char *op, int npeers, con
     ok = 0;
   }
   if (ok && recvs != NULL) ok = copy_recvs(x, recvs, err) == 0;
+  if (ok && (flags & PE_SUM_AT_END) && !sum_at_end_fits(x)) x->flags &= ~PE_SUM_AT_END;
   for (int i = 0; ok && i < npeers; ++i) {
     peer_t *p = &e->peers[peers[i]];
     if (p->gone && !(flags & PE_DROP_DEAD)) {
@@ -811,6 +840,7 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
   if (!m->header_seen && check_header(e, pr, m, (const header_t *)src, err) != 0) return -1;
   if (x->recvs == NULL) return 0;  // the caller has not said where the rows go yet
   if (m->received == 0 && check_rows(e, pr, m, err) != 0) return -1;
+  if (x->flags & PE_SUM_AT_END) return 0;  // left in the slots: sum_at_end consumes the whole message
   const uint64_t start = m->received;
   uint64_t end = start + e->chunk_bytes < m->total ? start + e->chunk_bytes : m->total;
   if (m->arena && start == 0)
@@ -900,12 +930,185 @@ static int apply_held(pe_exchange_t *x, int i) {
   return 0;
 }
 
+// ------------------------------------------------------------------- sums made at the end
+// Row `row` of message `m` from peer `pr`, whose first chunk is the peer's next unconsumed one and
+// which has landed whole: in place, or assembled in m->partial when the end of the peer's slots
+// splits it (one row of a message at most, as a message spans no more chunks than there are slots).
+static const uint8_t *landed_row(pe_engine_t *e, int pr, in_msg_t *m, int64_t row) {
+  const peer_t *p = &e->peers[pr];
+  const uint64_t rb = (uint64_t)m->x->row_bytes, slots = (uint64_t)e->slots;
+  const uint64_t pos = m->x->header_bytes + (uint64_t)row * rb;
+  uint64_t chunk = p->consumed_chunks + pos / e->chunk_bytes, off = pos % e->chunk_bytes;
+  const uint64_t last = p->consumed_chunks + (pos + rb - 1) / e->chunk_bytes;
+  if (chunk % slots + (last - chunk) < slots) return e->window->data + recv_offset(e, pr, chunk) + off;
+  for (uint64_t done = 0; done < rb; ++chunk, off = 0) {
+    const uint64_t take = e->chunk_bytes - off < rb - done ? e->chunk_bytes - off : rb - done;
+    memcpy(m->partial + done, e->window->data + recv_offset(e, pr, chunk) + off, take);
+    done += take;
+  }
+  return m->partial;
+}
+
+// Whether peer i's whole message of exchange `x` has landed (its header checked).
+static int message_landed(pe_engine_t *e, const pe_exchange_t *x, int i) {
+  const int pr = x->peers[i];
+  const peer_t *p = &e->peers[pr];
+  const in_msg_t *m = p->in_head;
+  if (m == NULL || m->x != x || !m->header_seen || m->partial == NULL) return 0;
+  const uint64_t n = message_chunks(e, m->total);
+  for (uint64_t j = 0; j < n; ++j)  // each slot has its own counter: a reordering fabric lands them in any order
+    if (!landed(e, pr, p->consumed_chunks + j)) return 0;
+  return 1;
+}
+
+// This rank's rows to itself as wire rows: where they already are, or gathered into own_rows.
+static int own_wire_rows(pe_engine_t *e, pe_exchange_t *x, int i, const uint8_t **rows) {
+  const int64_t n = x->rows[i], rb = x->row_bytes;
+  const pe_segment_t *segs = (const pe_segment_t *)(uintptr_t)x->sends[i].segments;
+  if ((uint64_t)(n * rb) > e->own_rows_bytes) {
+    uint8_t *more = realloc(e->own_rows, (size_t)(n * rb));
+    if (more == NULL) return -1;
+    e->own_rows = more;
+    e->own_rows_bytes = (uint64_t)(n * rb);
+  }
+  int64_t out = 0;
+  for (int s = 0; s < x->sends[i].nsegments; ++s)
+    for (int64_t k = 0; k < segs[s].nrows; ++k, ++out) {
+      rows[out] = segment_wire_row(&segs[s], k, rb);
+      if (rows[out] == NULL) {
+        gather_segment_row(&segs[s], k, e->own_rows + out * rb);
+        rows[out] = e->own_rows + out * rb;
+      }
+    }
+  return 0;
+}
+
+// Consume peer i's landed message at once: its credits go back, the exchange is done with it.
+static void consume_message(pe_engine_t *e, pe_exchange_t *x, int i) {
+  const int pr = x->peers[i];
+  peer_t *p = &e->peers[pr];
+  in_msg_t *m = p->in_head;
+  const uint64_t n = message_chunks(e, m->total);
+  for (uint64_t j = 0; j < n; ++j) hand_back_credit(e, pr);
+  p->consumed_chunks += n;
+  e->stats.chunks_read += n;
+  x->from_done[i] = 1;
+  x->pending_from--;
+  p->in_head = m->next;
+  if (p->in_head == NULL) p->in_tail = NULL;
+  free(m->partial);
+  free(m);
+  release(x);
+}
+
+// PE_SUM_AT_END: once every peer's message has landed whole, each destination row's copies (this
+// rank's own among them) are summed in one sweep straight into its final row, in the order of the
+// exchange's ranks, and every message is consumed at once. 1 when done, 0 while rows are on their
+// way, -1 on error.
+static int sum_at_end(pe_engine_t *e, pe_exchange_t *x, char *err) {
+  if (x->recvs == NULL || x->pending_from == 0) return 0;
+  int64_t total = 0, ndst = 0;
+  for (int i = 0; i < x->npeers; ++i) {
+    if (x->from_done[i]) continue;  // dropped
+    if (x->peers[i] != e->rank && !message_landed(e, x, i)) return 0;
+    const int64_t *index = (const int64_t *)(uintptr_t)x->recvs[i].index;
+    for (int64_t k = 0; k < x->rows[i]; ++k) ndst = index[k] >= ndst ? index[k] + 1 : ndst;
+    total += x->rows[i];
+  }
+  const pe_recv_t *r0 = &x->recvs[0];
+  const pe_final_t *fin = (const pe_final_t *)(uintptr_t)r0->final;
+  int32_t *remaining = (int32_t *)(uintptr_t)fin->remaining;
+  uint8_t *touched = (uint8_t *)(uintptr_t)r0->touched;
+  const uint8_t **rows = malloc((size_t)(total > 0 ? total : 1) * sizeof *rows);
+  const uint8_t **list = malloc((size_t)(total > 0 ? total : 1) * sizeof *list);
+  float *weight = malloc((size_t)(total > 0 ? total : 1) * sizeof *weight);
+  int64_t *start = calloc((size_t)ndst + 1, sizeof *start), *fill = malloc(((size_t)ndst + 1) * sizeof *fill);
+  int rc = -1, culprit = -1;
+  if (!rows || !list || !weight || !start || !fill) {
+    pe_err(err, "%s: out of memory", x->op);
+    goto out;
+  }
+  // every copy's row, and a list per destination row (counting sort), checked against the count
+  int64_t at = 0;
+  for (int i = 0; i < x->npeers; ++i) {
+    if (x->from_done[i]) continue;
+    const int pr = x->peers[i];
+    const int64_t *index = (const int64_t *)(uintptr_t)x->recvs[i].index;
+    if (pr == e->rank) {
+      if (own_wire_rows(e, x, i, rows + at) != 0) {
+        pe_err(err, "%s: out of memory", x->op);
+        goto out;
+      }
+    } else {
+      for (int64_t k = 0; k < x->rows[i]; ++k) rows[at + k] = landed_row(e, pr, e->peers[pr].in_head, k);
+    }
+    for (int64_t k = 0; k < x->rows[i]; ++k) {
+      if (index[k] < 0) {
+        pe_err(err, "%s: row %lld from rank %d names destination %lld", x->op, (long long)k, pr, (long long)index[k]);
+        culprit = pr;
+        goto out;
+      }
+      start[index[k] + 1]++;
+    }
+    at += x->rows[i];
+  }
+  for (int64_t d = 0; d < ndst; ++d) start[d + 1] += start[d];
+  memcpy(fill, start, ((size_t)ndst + 1) * sizeof *fill);
+  at = 0;
+  for (int i = 0; i < x->npeers; ++i) {
+    if (x->from_done[i]) continue;
+    const int64_t *index = (const int64_t *)(uintptr_t)x->recvs[i].index;
+    const float *w = (const float *)(uintptr_t)x->recvs[i].weights;
+    for (int64_t k = 0; k < x->rows[i]; ++k) {
+      const int64_t d = index[k], j = fill[d]++;
+      if (j - start[d] >= remaining[d]) {
+        pe_err(err, "%s: rows from rank %d add more to a sum than were announced", x->op, x->peers[i]);
+        culprit = x->peers[i];
+        goto out;
+      }
+      list[j] = rows[at + k];
+      weight[j] = w ? w[k] : 1.0f;
+    }
+    at += x->rows[i];
+  }
+  const pe_field_t *fields = (const pe_field_t *)(uintptr_t)r0->fields;
+  const pe_field_t *final = (const pe_field_t *)(uintptr_t)fin->fields;
+  for (int64_t d = 0; d < ndst; ++d) {
+    const int64_t n = start[d + 1] - start[d];
+    if (n == 0) continue;
+    pe_sum_final(fields, r0->nfields, final, d, list + start[d], weight + start[d], n);
+    remaining[d] -= (int32_t)n;
+    touched[d] = 2;
+  }
+  for (int i = 0; i < x->npeers; ++i) {
+    if (x->from_done[i]) continue;
+    if (x->peers[i] != e->rank) {
+      consume_message(e, x, i);
+    } else {
+      e->stats.bytes_local += (uint64_t)(x->rows[i] * x->row_bytes);
+      x->from_done[i] = 1;
+      x->pending_from--;
+    }
+  }
+  e->stats.sums_at_end++;
+  rc = 1;
+out:
+  free(rows);
+  free(list);
+  free(weight);
+  free(start);
+  free(fill);
+  if (rc < 0) return fail(e, culprit >= 0 ? PE_ERR_PROTOCOL : PE_ERR_USAGE, culprit);
+  return rc;
+}
+
 // This rank's rows to itself: straight from the source tensors to the destination ones, row by
 // row, through a one-row bounce buffer (it stays in the cache) unless the source row already is
 // the wire row. Rows into final sums are held back instead, when they can be (`holdable`), and
 // summed with the first peer row for the same sum: one pass over the output, none over a float32
 // accumulator, for a sum of two copies.
 static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
+  if (x->flags & PE_SUM_AT_END) return sum_at_end(e, x, err);
   int i = 0;
   while (x->peers[i] != e->rank) ++i;
   if (x->from_done[i] || x->recvs == NULL) return 0;
@@ -1300,6 +1503,7 @@ void pe_engine_destroy(pe_engine_t *e) {
   }
   for (int pr = 0; pr < e->world; ++pr) free(e->peers[pr].release_after);
   free(e->bounce);
+  free(e->own_rows);
   free(e->peers);
   free(e->pulls_expected);
   free(e);

@@ -150,6 +150,11 @@ typedef struct pe_recv {
 // header still goes to a slot) and stay there, not in the recycled slots, until the receiver
 // hands the arena back (pe_engine_release_arena); the sender's next arena message waits for that.
 #define PE_ARENA 2
+// Final sums made once every peer's rows have landed, each in one sweep over its copies straight
+// into the final fields, instead of into the accumulators copy by copy as they arrive. Taken only
+// where it cannot stall a stream (checked at the start, else ignored): every receive has the same
+// final spec and fields, an expected row count, and each peer's whole message fits its slots.
+#define PE_SUM_AT_END 4
 
 // error kinds (pe_engine_error)
 enum pe_error_kind {
@@ -176,6 +181,7 @@ typedef struct pe_engine_stats {
   uint64_t sleeps;          // times the rank slept on its doorbell
   uint64_t arena_messages;  // messages received whose rows landed in this rank's arena
   uint64_t bytes_pulled;    // payload bytes this rank copied out of its node's arenas itself
+  uint64_t sums_at_end;     // exchanges whose final sums were made once all their rows were in
 } pe_engine_stats_t;
 
 // A rank's engine for one Buffer. The window (created by the caller) must have

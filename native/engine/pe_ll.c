@@ -547,5 +547,6 @@ pe_exchange_t *pe_ll_combine_sums(pe_engine_t *e, pe_ll_t *ll, const char *op, c
                              .touched = (uint64_t)(uintptr_t)touched, .expect_rows = ll->wire_first[r + 1] - wire,
                              .nfields = nacc, .final = (uint64_t)(uintptr_t)final};
   }
-  return combine_start(e, op, &c, pe_fields_wire_bytes(send_fields, nsend), flags, err);
+  // one partial sum per (token, rank), a few per token: summed once all are in (when they fit)
+  return combine_start(e, op, &c, pe_fields_wire_bytes(send_fields, nsend), flags | PE_SUM_AT_END, err);
 }

@@ -344,44 +344,121 @@ int pe_fields_summable(const pe_field_t *fields, int nfields) {
   return 1;
 }
 
-// The weighted sum of rows index[0..nrows) of `f` (elements of TYPE read by LOAD), block by block
-// in a float32 buffer that stays in L1, cast into `out` (of out_type).
-#define PE_SUM_ROWS(name, TYPE, LOAD)                                                                          \
-  PE_WIDE static void name(const pe_field_t *f, const int64_t *index, const float *restrict w, int64_t nrows, \
-                           uint8_t *restrict out, int out_type) {                                             \
-    float sum[RUN_BLOCK];                                                                                      \
-    const int64_t n = f->count;                                                                                \
-    for (int64_t c = 0; c < n; c += RUN_BLOCK) {                                                               \
-      const int64_t m = n - c < RUN_BLOCK ? n - c : RUN_BLOCK;                                                 \
-      if (nrows == 0) memset(sum, 0, (size_t)m * sizeof *sum);                                                 \
-      for (int64_t r = 0; r < nrows; ++r) {                                                                    \
-        const TYPE *row = (const TYPE *)row_at(f, index[r]) + c;                                               \
-        const float wr = w[r];                                                                                 \
-        if (r == 0) {                                                                                          \
-          for (int64_t i = 0; i < m; ++i) sum[i] = wr * LOAD(row[i]);                                          \
-        } else {                                                                                               \
+// The weighted sum of rows[0..nrows) (elements of TYPE read by LOAD, from byte `at` of each row)
+// into `out` (elements of OTYPE written by STORE), float32 in row order. Up to three rows are summed
+// in registers, element by element, and cast as they go: one sweep over the rows and none over a
+// buffer (1.5x the speed of summing row by row into an L1 buffer). More rows go block by block
+// through a float32 buffer that stays in L1, the last one summed and cast in the same sweep.
+#define PE_SUM_ROWS(name, TYPE, LOAD, OTYPE, STORE)                                                            \
+  PE_WIDE static void name(const uint8_t *const *rows, int64_t at, const float *restrict w, int64_t nrows,    \
+                           int64_t n, OTYPE *restrict out) {                                                   \
+    const TYPE *a = nrows > 0 ? (const TYPE *)(rows[0] + at) : NULL;                                           \
+    const TYPE *b = nrows > 1 ? (const TYPE *)(rows[1] + at) : NULL;                                           \
+    const TYPE *c = nrows > 2 ? (const TYPE *)(rows[2] + at) : NULL;                                           \
+    const float wa = nrows > 0 ? w[0] : 0.0f, wb = nrows > 1 ? w[1] : 0.0f, wc = nrows > 2 ? w[2] : 0.0f;      \
+    if (nrows == 0) {                                                                                          \
+      for (int64_t i = 0; i < n; ++i) out[i] = STORE(0.0f);                                                    \
+    } else if (nrows == 1) {                                                                                   \
+      for (int64_t i = 0; i < n; ++i) out[i] = STORE(wa * LOAD(a[i]));                                         \
+    } else if (nrows == 2) {                                                                                   \
+      for (int64_t i = 0; i < n; ++i) {                                                                        \
+        const float s = wa * LOAD(a[i]);                                                                       \
+        out[i] = STORE(s + wb * LOAD(b[i]));                                                                   \
+      }                                                                                                        \
+    } else if (nrows == 3) {                                                                                   \
+      for (int64_t i = 0; i < n; ++i) {                                                                        \
+        float s = wa * LOAD(a[i]);                                                                             \
+        s += wb * LOAD(b[i]);                                                                                  \
+        out[i] = STORE(s + wc * LOAD(c[i]));                                                                   \
+      }                                                                                                        \
+    } else {                                                                                                   \
+      float sum[RUN_BLOCK];                                                                                    \
+      const TYPE *z = (const TYPE *)(rows[nrows - 1] + at);                                                    \
+      const float wz = w[nrows - 1];                                                                           \
+      for (int64_t k = 0; k < n; k += RUN_BLOCK) {                                                             \
+        const int64_t m = n - k < RUN_BLOCK ? n - k : RUN_BLOCK;                                               \
+        for (int64_t i = 0; i < m; ++i) {                                                                      \
+          float s = wa * LOAD(a[k + i]);                                                                       \
+          s += wb * LOAD(b[k + i]);                                                                            \
+          sum[i] = s + wc * LOAD(c[k + i]);                                                                    \
+        }                                                                                                      \
+        for (int64_t r = 3; r < nrows - 1; ++r) {                                                              \
+          const TYPE *row = (const TYPE *)(rows[r] + at) + k;                                                  \
+          const float wr = w[r];                                                                               \
           for (int64_t i = 0; i < m; ++i) sum[i] += wr * LOAD(row[i]);                                         \
         }                                                                                                      \
+        for (int64_t i = 0; i < m; ++i) out[k + i] = STORE(sum[i] + wz * LOAD(z[k + i]));                      \
       }                                                                                                        \
-      put_final(out, out_type, c, sum, m);                                                                     \
     }                                                                                                          \
   }
 
-PE_SUM_ROWS(sum_rows_bf16, uint16_t, bf16_to_f32)
-PE_SUM_ROWS(sum_rows_f16, uint16_t, f16_to_f32)
-PE_SUM_ROWS(sum_rows_f32, float, f32_identity)
+PE_SUM_ROWS(sum_rows_bf16, uint16_t, bf16_to_f32, uint16_t, f32_to_bf16)
+PE_SUM_ROWS(sum_rows_f16, uint16_t, f16_to_f32, uint16_t, f32_to_f16)
+PE_SUM_ROWS(sum_rows_f32, float, f32_identity, float, f32_identity)
+PE_SUM_ROWS(sum_rows_f32_bf16, float, f32_identity, uint16_t, f32_to_bf16)
+PE_SUM_ROWS(sum_rows_f32_f16, float, f32_identity, uint16_t, f32_to_f16)
+
+int pe_sum_types(int in_type, int out_type) {
+  return in_type == out_type ? float_type(in_type) : in_type == PE_F32 && (out_type == PE_BF16 || out_type == PE_F16);
+}
+
+// Elements `at` bytes into each row of `rows`, of in_type, summed into `out` of out_type (a pair
+// pe_sum_types accepts).
+static void sum_rows(int in_type, int out_type, const uint8_t *const *rows, int64_t at, const float *weights,
+                     int64_t nrows, int64_t n, uint8_t *out) {
+  if (in_type == PE_BF16)
+    sum_rows_bf16(rows, at, weights, nrows, n, (uint16_t *)out);
+  else if (in_type == PE_F16)
+    sum_rows_f16(rows, at, weights, nrows, n, (uint16_t *)out);
+  else if (out_type == PE_BF16)
+    sum_rows_f32_bf16(rows, at, weights, nrows, n, (uint16_t *)out);
+  else if (out_type == PE_F16)
+    sum_rows_f32_f16(rows, at, weights, nrows, n, (uint16_t *)out);
+  else
+    sum_rows_f32(rows, at, weights, nrows, n, (float *)out);
+}
+
+static void add_row(float *restrict sum, const uint8_t *restrict row, int type, float w, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = type == PE_BF16   ? bf16_to_f32(((const uint16_t *)row)[k])
+                    : type == PE_F16 ? f16_to_f32(((const uint16_t *)row)[k])
+                                     : ((const float *)row)[k];
+    sum[k] += w * v;
+  }
+}
+
+#define SUM_BATCH 64  // source rows whose addresses a gathered sum collects at a time
 
 void pe_gather_sum(const pe_field_t *fields, int nfields, const int64_t *index, const float *weights, int64_t n,
                    uint8_t *dst) {
+  const uint8_t *rows[SUM_BATCH];
   for (int i = 0; i < nfields; ++i) {
     const pe_field_t *f = &fields[i];
-    if (f->mem_type == PE_BF16)
-      sum_rows_bf16(f, index, weights, n, dst, f->wire_type);
-    else if (f->mem_type == PE_F16)
-      sum_rows_f16(f, index, weights, n, dst, f->wire_type);
-    else
-      sum_rows_f32(f, index, weights, n, dst, f->wire_type);
+    if (n <= SUM_BATCH) {
+      for (int64_t r = 0; r < n; ++r) rows[r] = row_at(f, index[r]);
+      sum_rows(f->mem_type, f->wire_type, rows, 0, weights, n, f->count, dst);
+    } else {  // rare: more rows than a batch, added one by one, block by block
+      const int wsize = pe_type_size(f->mem_type);
+      float sum[RUN_BLOCK];
+      for (int64_t c = 0; c < f->count; c += RUN_BLOCK) {
+        const int64_t m = f->count - c < RUN_BLOCK ? f->count - c : RUN_BLOCK;
+        memset(sum, 0, sizeof sum);
+        for (int64_t r = 0; r < n; ++r) add_row(sum, row_at(f, index[r]) + c * wsize, f->mem_type, weights[r], m);
+        pe_cast_f32(dst + c * pe_type_size(f->wire_type), f->wire_type, sum, m);
+      }
+    }
     dst += (int64_t)f->count * pe_type_size(f->wire_type);
+  }
+}
+
+void pe_sum_final(const pe_field_t *fields, int nfields, const pe_field_t *final, int64_t index,
+                  const uint8_t *const *rows, const float *weights, int64_t nrows) {
+  int64_t at = 0;
+  for (int i = 0; i < nfields; ++i) {
+    const pe_field_t *f = &fields[i];
+    if (f->kind == PE_REDUCE)
+      sum_rows(f->wire_type, final[i].mem_type, rows, at, weights, nrows, f->count, row_at(&final[i], index));
+    at += (int64_t)f->count * pe_type_size(f->wire_type);
   }
 }
 

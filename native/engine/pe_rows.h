@@ -20,6 +20,12 @@ int pe_fields_summable(const pe_field_t *fields, int nfields);
 // float32 sums in index order, cast to each field's wire type (zeros for n = 0).
 void pe_gather_sum(const pe_field_t *fields, int nfields, const int64_t *index, const float *weights, int64_t n,
                    uint8_t *dst);
+// Whether pe_sum_final can sum wire elements of `in_type` into a final field of `out_type`.
+int pe_sum_types(int in_type, int out_type);
+// Write the sum of wire rows rows[0..nrows) (weights[j] each), float32 in row order, straight into
+// destination row `index` of the final fields (one per field; the accumulators are not touched).
+void pe_sum_final(const pe_field_t *fields, int nfields, const pe_field_t *final, int64_t index,
+                  const uint8_t *const *rows, const float *weights, int64_t nrows);
 // Source row `index` itself when it already is the wire row (one field, a plain contiguous copy of
 // `row_bytes`): a rank's rows to itself are then applied straight from it. NULL otherwise.
 const uint8_t *pe_source_row(const pe_field_t *fields, int nfields, int64_t index, int64_t row_bytes);
