@@ -821,6 +821,28 @@ static int check_rows(pe_engine_t *e, int pr, in_msg_t *m, char *err) {
   return 0;
 }
 
+// Message `m` from peer `pr` is consumed whole: the exchange is done with it.
+static void finish_message(pe_engine_t *e, int pr, in_msg_t *m) {
+  peer_t *p = &e->peers[pr];
+  pe_exchange_t *x = m->x;
+  x->from_done[m->index] = 1;
+  x->pending_from--;
+  p->in_head = m->next;
+  if (p->in_head == NULL) p->in_tail = NULL;
+  free(m->partial);
+  free(m);
+  release(x);
+}
+
+// This rank's rows to itself must be as many as its receive expects (when it says): 0, or -1.
+static int check_own_rows(pe_engine_t *e, const pe_exchange_t *x, int i, char *err) {
+  const pe_recv_t *r = &x->recvs[i];
+  if (r->expect_rows < 0 || r->expect_rows == x->rows[i]) return 0;
+  pe_err(err, "%s: rank %d sends %lld row(s) to itself, expected %lld", x->op, e->rank, (long long)x->rows[i],
+         (long long)r->expect_rows);
+  return fail(e, PE_ERR_USAGE, -1);
+}
+
 static void hand_back_credit(pe_engine_t *e, int pr) {
   peer_t *p = &e->peers[pr];
   if (p->mode == PEER_DIRECT)
@@ -854,15 +876,7 @@ static int recv_chunk(pe_engine_t *e, int pr, char *err) {
   p->consumed_chunks++;
   e->stats.chunks_read++;
   hand_back_credit(e, pr);
-  if (end == m->total) {
-    x->from_done[m->index] = 1;
-    x->pending_from--;
-    p->in_head = m->next;
-    if (p->in_head == NULL) p->in_tail = NULL;
-    free(m->partial);
-    free(m);
-    release(x);
-  }
+  if (end == m->total) finish_message(e, pr, m);
   return 1;
 }
 
@@ -984,7 +998,7 @@ static int own_wire_rows(pe_engine_t *e, pe_exchange_t *x, int i, const uint8_t 
 }
 
 // Consume peer i's landed message at once: its credits go back, the exchange is done with it.
-static void consume_message(pe_engine_t *e, pe_exchange_t *x, int i) {
+static void consume_message(pe_engine_t *e, const pe_exchange_t *x, int i) {
   const int pr = x->peers[i];
   peer_t *p = &e->peers[pr];
   in_msg_t *m = p->in_head;
@@ -992,13 +1006,7 @@ static void consume_message(pe_engine_t *e, pe_exchange_t *x, int i) {
   for (uint64_t j = 0; j < n; ++j) hand_back_credit(e, pr);
   p->consumed_chunks += n;
   e->stats.chunks_read += n;
-  x->from_done[i] = 1;
-  x->pending_from--;
-  p->in_head = m->next;
-  if (p->in_head == NULL) p->in_tail = NULL;
-  free(m->partial);
-  free(m);
-  release(x);
+  finish_message(e, pr, m);
 }
 
 // PE_SUM_AT_END: once every peer's message has landed whole, each destination row's copies (this
@@ -1011,6 +1019,7 @@ static int sum_at_end(pe_engine_t *e, pe_exchange_t *x, char *err) {
   for (int i = 0; i < x->npeers; ++i) {
     if (x->from_done[i]) continue;  // dropped
     if (x->peers[i] != e->rank && !message_landed(e, x, i)) return 0;
+    if (x->peers[i] == e->rank && check_own_rows(e, x, i, err) != 0) return -1;
     const int64_t *index = (const int64_t *)(uintptr_t)x->recvs[i].index;
     for (int64_t k = 0; k < x->rows[i]; ++k) ndst = index[k] >= ndst ? index[k] + 1 : ndst;
     total += x->rows[i];
@@ -1125,11 +1134,7 @@ static int move_local(pe_engine_t *e, pe_exchange_t *x, char *err) {
     x->pending_from--;
     return 1;
   }
-  if (r->expect_rows >= 0 && r->expect_rows != rows) {
-    pe_err(err, "%s: rank %d sends %lld row(s) to itself, expected %lld", x->op, e->rank, (long long)rows,
-           (long long)r->expect_rows);
-    return fail(e, PE_ERR_USAGE, -1);
-  }
+  if (check_own_rows(e, x, i, err) != 0) return -1;
   if (rows > 0 && x->pending_from > 1 && holdable(x, i) && hold_local(x, i) == 0) {
     e->stats.bytes_local += (uint64_t)(rows * x->row_bytes);
     return 1;
